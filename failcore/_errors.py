@@ -1,0 +1,83 @@
+"""The one error hierarchy of FailCore.
+
+Every message says what was refused, which rule refused it, and what to change.
+"""
+
+from __future__ import annotations
+
+
+class FailCoreError(Exception):
+    """Root of every error FailCore raises."""
+
+
+class SecurityError(FailCoreError):
+    """A policy denied an operation, before dispatch (layer 1) or inside the worker (layers 3-4).
+
+    ``rule`` names the rule that denied; ``target`` is what was refused (a URL, an
+    address, a path, a program).
+    """
+
+    def __init__(self, message: str, *, rule: str = "", target: str = "", layer: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.target = target
+        self.layer = layer
+
+
+class ValidationError(FailCoreError):
+    """Input or output did not match the tool's schema."""
+
+    def __init__(self, message: str, *, errors: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class InputValidationError(ValidationError):
+    """Arguments were refused before any worker was touched."""
+
+
+class OutputValidationError(ValidationError):
+    """The tool returned a value that does not match its output model or limits."""
+
+
+class ToolTimeout(FailCoreError):
+    """The tool ran past ``Limits.timeout_s``; its whole process tree was killed."""
+
+
+class ResourceLimitExceeded(FailCoreError):
+    """The tool hit a resource limit (memory, CPU, file size, open files, output size)."""
+
+
+class WorkerCrashed(FailCoreError):
+    """The worker process died without answering (signal, ``os._exit``, segfault)."""
+
+
+class ToolFailed(FailCoreError):
+    """The tool raised. Carries the remote exception type, message and traceback text."""
+
+    def __init__(self, message: str, *, remote_type: str = "", remote_message: str = "",
+                 remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+
+class ReplayMismatch(FailCoreError):
+    """A replayed session diverged from the recorded trace."""
+
+
+class RegistrationError(FailCoreError):
+    """A tool's registration broke a metadata invariant (SPEC section 3)."""
+
+
+class CapabilityError(RegistrationError, ValueError):
+    """A capability string does not parse."""
+
+
+class PolicyError(FailCoreError, ValueError):
+    """A policy file or preset is malformed."""
+
+
+class TraceError(FailCoreError):
+    """A trace file is malformed, tampered with or unreadable."""

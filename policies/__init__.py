@@ -1,0 +1,1 @@
+"""Shipped policy files (TOML), loaded by failcore.presets."""

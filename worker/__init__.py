@@ -1,0 +1,4 @@
+"""The child side of FailCore: bootstrap, lock-down, guards, run loop and wire protocol.
+
+Standard library plus cloudpickle only. Never imports ``failcore``.
+"""
