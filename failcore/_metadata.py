@@ -91,6 +91,7 @@ class ToolMetadata:
     output_model: Any = None
     isolation: Isolation | None = None
     description: str | None = None
+    secret: Sequence[str] = ()
 
     @property
     def side_effects(self) -> frozenset[SideEffect]:

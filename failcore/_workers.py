@@ -1,0 +1,174 @@
+"""Worker handles and the pool: prespawned idle workers, warm per-tool workers, tree kills.
+
+Guarantees: a worker handed out is used by one call at a time; a worker whose call
+failed in a way that may leave it inconsistent (timeout, crash, oversize output, a
+violation) is killed with its whole process tree and never reused; a fresh (``call``)
+worker is never reused at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from failcore._zygote import Zygote
+from worker import protocol
+
+
+@dataclass(eq=False)
+class Worker:
+    pid: int
+    chan: socket.socket
+    base_dir: str
+    name: str
+    tool: str | None = None
+    isolation: str = "call"
+    dead: bool = False
+    kill_reason: str | None = None
+    kill_detail: str = ""
+    calls: int = 0
+    busy_since: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def send(self, kind: str, body: dict[str, Any]) -> int:
+        return protocol.send(self.chan, kind, body)
+
+    def kill(self, reason: str, detail: str = "") -> None:
+        """Kill the worker and every process below it. Safe from any thread, idempotent."""
+        if self.kill_reason is None:
+            self.kill_reason = reason
+            self.kill_detail = detail
+        kill_tree(self.pid)
+        self.dead = True
+        try:
+            self.chan.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and any descendant that left it (setsid)."""
+    try:
+        stragglers = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        stragglers = []
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for child in stragglers:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+class Pool:
+    """Forks workers through the zygote; keeps ``prespawn`` idle ones ready."""
+
+    def __init__(self, zygote: Zygote, root: str, prespawn: int, uid: int | None) -> None:
+        self._zygote = zygote
+        self._root = root
+        self._prespawn = prespawn
+        self._uid = uid
+        self._idle: collections.deque[Worker] = collections.deque()
+        self._lock = threading.Lock()
+        self._refill = threading.Event()
+        self._closed = False
+        self._all: set[Worker] = set()
+        self._counter = 0
+        self._cleanup: collections.deque[Worker] = collections.deque()
+        self._thread = threading.Thread(target=self._maintain, name="failcore-pool", daemon=True)
+        self._thread.start()
+        self._refill.set()
+
+    def _new(self) -> Worker:
+        base = tempfile.mkdtemp(prefix="w", dir=self._root)
+        if self._uid is not None:
+            os.chown(base, self._uid, -1)
+        pid, chan = self._zygote.fork()
+        with self._lock:
+            self._counter += 1
+            worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}")
+            self._all.add(worker)
+        return worker
+
+    def _maintain(self) -> None:
+        while True:
+            self._refill.wait()
+            self._refill.clear()
+            while not self._closed:
+                self._drain_cleanup()
+                with self._lock:
+                    short = len(self._idle) < self._prespawn
+                if not short:
+                    break
+                try:
+                    worker = self._new()
+                except Exception:  # noqa: BLE001 - surfaced by the next take()
+                    break
+                with self._lock:
+                    if self._closed:
+                        self._cleanup.append(worker)
+                        break
+                    self._idle.append(worker)
+            self._drain_cleanup()
+            if self._closed:
+                return
+
+    def take(self) -> Worker:
+        """An idle, not yet locked-down worker (prespawned when possible)."""
+        with self._lock:
+            worker = self._idle.popleft() if self._idle else None
+        self._refill.set()
+        return worker if worker is not None else self._new()
+
+    def retire(self, worker: Worker, reason: str = "retired") -> None:
+        """Stop a worker and remove its directory, off the caller's hot path."""
+        if not worker.dead:
+            worker.kill(reason)
+        with self._lock:
+            self._cleanup.append(worker)
+        self._refill.set()
+
+    def _drain_cleanup(self) -> None:
+        while True:
+            with self._lock:
+                if not self._cleanup:
+                    return
+                worker = self._cleanup.popleft()
+                self._all.discard(worker)
+            worker.chan.close()
+            shutil.rmtree(worker.base_dir, ignore_errors=True)
+            self._zygote.forget(worker.pid)
+
+    def wait_status(self, worker: Worker, timeout: float) -> int | None:
+        return self._zygote.wait_exit(worker.pid, timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers = list(self._all)
+            self._idle.clear()
+        for worker in workers:
+            worker.kill("session closed")
+            with self._lock:
+                self._cleanup.append(worker)
+        self._refill.set()
+        self._thread.join(10)
+        self._drain_cleanup()
+
+    def busy_workers(self, predicate: Callable[[Worker], bool]) -> list[Worker]:
+        with self._lock:
+            return [w for w in self._all if predicate(w)]

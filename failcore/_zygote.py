@@ -1,0 +1,135 @@
+"""Parent side of the zygote: start it, ask it to fork workers, learn when they exit."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from failcore._errors import WorkerCrashed
+
+# The fixed environment of every worker process before grants are applied.
+MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+_WORKER_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class Zygote:
+    """A clean interpreter started with ``sys.executable -I`` that forks workers."""
+
+    def __init__(self, log_path: str) -> None:
+        ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = (
+            f"import sys; sys.path.insert(0, {_WORKER_ROOT!r}); "
+            f"from worker.zygote import serve; serve({child.fileno()})"
+        )
+        self._log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", code],
+                pass_fds=[child.fileno()], env=dict(MINIMAL_ENV), cwd="/",
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+            )
+        child.close()
+        self._ctl = ctl
+        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._forked: dict[int, int] = {}
+        self._exited: dict[int, int] = {}
+        self._next = 0
+        self._closed = False
+        ctl.settimeout(30)
+        try:
+            kind, self.pid = pickle.loads(ctl.recv(4096))[:2]
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            self.proc.kill()
+            self.proc.wait()
+            raise WorkerCrashed(f"the worker zygote failed to start: {self.log_tail()}") from exc
+        ctl.settimeout(None)
+        self._reader = threading.Thread(target=self._read, name="failcore-zygote", daemon=True)
+        self._reader.start()
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return Path(self._log_path).read_bytes()[-n:].decode(errors="replace") or "(no output)"
+        except OSError:
+            return "(no log)"
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._ctl.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                with self._cond:
+                    self._closed = True
+                    self._cond.notify_all()
+                return
+            msg = pickle.loads(data)  # the zygote is ours and never runs tool code
+            with self._cond:
+                if msg[0] == "forked":
+                    self._forked[msg[1]] = msg[2]
+                elif msg[0] == "exited":
+                    self._exited[msg[1]] = msg[2]
+                    while len(self._exited) > 4096:  # nobody asked about the oldest ones
+                        del self._exited[next(iter(self._exited))]
+                self._cond.notify_all()
+
+    def fork(self) -> tuple[int, socket.socket]:
+        """A new worker process (waiting for ``init``) and the parent end of its channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._lock:
+            self._next += 1
+            wid = self._next
+            try:
+                socket.send_fds(self._ctl, [pickle.dumps(("fork", wid))], [theirs.fileno()])
+            except OSError as exc:
+                ours.close()
+                raise WorkerCrashed(f"the worker zygote is gone: {self.log_tail()}") from exc
+            finally:
+                theirs.close()
+        deadline = time.monotonic() + 30
+        with self._cond:
+            while wid not in self._forked:
+                if self._closed or time.monotonic() > deadline:
+                    ours.close()
+                    raise WorkerCrashed(f"the worker zygote did not fork: {self.log_tail()}")
+                self._cond.wait(0.5)
+            return self._forked.pop(wid), ours
+
+    def wait_exit(self, pid: int, timeout: float) -> int | None:
+        """The wait status of worker ``pid`` once the zygote reaped it, or None."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while pid not in self._exited:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return None
+                self._cond.wait(remaining)
+            return self._exited.pop(pid)
+
+    def forget(self, pid: int) -> None:
+        with self._cond:
+            self._exited.pop(pid, None)
+
+    def close(self) -> None:
+        try:
+            self._ctl.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._ctl.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(2)
+        try:
+            os.unlink(self._log_path)
+        except OSError:
+            pass

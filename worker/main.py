@@ -1,0 +1,224 @@
+"""The worker: lock-down, then a request/response loop over one channel.
+
+A worker is forked from the zygote (a clean, spawned interpreter that never saw the
+parent's memory) and waits for ``init``. Lock-down happens before the tool's code is
+unpickled: working directory, environment, rlimits with hard limits lowered, optional
+uid drop, then the layer-3 guards. Only then is the tool loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import shutil
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from worker import guards, protocol
+from worker.rules import Grants
+
+_MB = 1024 * 1024
+# A warm worker's CPU rlimit covers this many calls at cpu_s each; it asks to be retired
+# before the remaining budget drops below one call's worth.
+_WARM_CPU_CALLS = 64
+
+
+class _State:
+    def __init__(self) -> None:
+        self.fn: Any = None
+        self.tool = ""
+        self.key = b""
+        self.grants: Grants | None = None
+        self.grants_bytes = b""
+        self.grant_cache: dict[bytes, Grants] = {}
+        self.limits: dict[str, Any] = {}
+        self.base_dir = ""
+        self.init_error: dict[str, Any] | None = None
+        self.seen_calls: set[str] = set()
+        self.calls = 0
+        self.cpu_hard = 0.0
+        self.cpu_s = 0
+
+
+def _cpu_used() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        pages = int(f.read().split()[0])
+    return pages * resource.getpagesize()
+
+
+def _set_limits(state: _State, limits: dict[str, Any], warm: bool) -> None:
+    def lower(which: int, value: int) -> None:
+        soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(which, (value, value))
+
+    # Address space: the limit is headroom above what the interpreter already maps.
+    lower(resource.RLIMIT_AS, _vm_bytes() + int(limits["memory_mb"]) * _MB)
+    lower(resource.RLIMIT_FSIZE, int(limits["file_size_mb"]) * _MB)
+    lower(resource.RLIMIT_CORE, 0)
+    highest_fd = max((int(n) for n in os.listdir("/proc/self/fd")), default=2)
+    lower(resource.RLIMIT_NOFILE, max(int(limits["open_files"]), highest_fd + 8))
+    state.cpu_s = int(limits["cpu_s"])
+    budget = state.cpu_s * (_WARM_CPU_CALLS if warm else 1)
+    cpu = int(_cpu_used()) + budget + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    state.cpu_hard = float(cpu)
+
+
+def lock_down(state: _State, body: dict[str, Any]) -> None:
+    """Reduce this process to what the tool's grants allow, then load the tool."""
+    state.key = body["key"]
+    state.tool = body["tool"]
+    state.grants_bytes = body["grants_bytes"]
+    state.grants = Grants.from_wire(body["grants"])
+    state.grant_cache = {state.grants_bytes: state.grants}
+    state.limits = body["limits"]
+    state.base_dir = body["base_dir"]
+    os.chdir(state.base_dir)
+    os.environ.clear()
+    os.environ.update(body["env"])
+    for entry in body.get("sys_path", ()):
+        if entry not in sys.path:
+            sys.path.append(entry)
+    _set_limits(state, state.limits, warm=body.get("isolation") == "tool")
+    uid = body.get("uid")
+    if uid is not None and os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(int(body["gid"]))
+        os.setuid(int(uid))
+    grants = state.grants
+    implicit = tuple(body.get("implicit_read", ()))
+    if implicit:
+        grants = Grants.from_wire({**body["grants"], "implicit_read": list(implicit)})
+        state.grants = grants
+        state.grant_cache = {state.grants_bytes: grants}
+    guards.install(grants, state.base_dir)
+    state.fn = cloudpickle.loads(body["tool_blob"])
+
+
+def _error(kind: str, exc: BaseException | None, message: str = "", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "kind": kind,
+        "type": type(exc).__name__ if exc is not None else kind,
+        "message": message or (str(exc) if exc is not None else ""),
+        "traceback": "".join(traceback.format_exception(exc)) if exc is not None else "",
+        "events": [],
+    }
+    body.update(extra)
+    return body
+
+
+def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]:
+    token: bytes = body["token"]
+    if not protocol.verify(state.key, token, body["mac"]):
+        return _error(protocol.ERR_TOKEN, None, "capability token does not verify (bad MAC)")
+    try:
+        header, grants_bytes, _limits = protocol.split_token(token)
+    except ValueError as exc:
+        return _error(protocol.ERR_TOKEN, None, f"capability token is malformed: {exc}")
+    call_id = header.get("call_id")
+    if header.get("tool") != state.tool:
+        return _error(protocol.ERR_TOKEN, None,
+                      f"token is for tool {header.get('tool')!r}, this worker runs {state.tool!r}")
+    if not isinstance(call_id, str) or call_id in state.seen_calls:
+        return _error(protocol.ERR_TOKEN, None, f"token call id {call_id!r} was already used")
+    if float(header.get("expires", 0)) < time.time():
+        return _error(protocol.ERR_TOKEN, None, "capability token has expired")
+    grants = state.grant_cache.get(grants_bytes)
+    if grants is None:
+        assert state.grants is not None
+        wire = json.loads(grants_bytes)
+        wire["implicit_read"] = list(state.grants.implicit_read)
+        grants = Grants.from_wire(wire)
+        if not grants.is_subset_of(state.grants):
+            return _error(protocol.ERR_TOKEN, None,
+                          "token grants exceed what this worker locked down to (rights only shrink)")
+        state.grant_cache[grants_bytes] = grants
+    state.seen_calls.add(call_id)
+    return grants
+
+
+def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if state.init_error is not None:
+        return "error", state.init_error
+    checked = _check_token(state, body)
+    if isinstance(checked, dict):
+        return "error", checked
+    state.calls += 1
+    cwd = os.path.join(state.base_dir, f"call-{state.calls}")
+    os.mkdir(cwd, 0o700)
+    os.chdir(cwd)
+    guards.set_call(checked, cwd)
+    try:
+        value = state.fn(**body["args"])
+        reply: tuple[str, dict[str, Any]] = ("result", {"value": value})
+    except MemoryError as exc:
+        reply = "error", _error(protocol.ERR_MEMORY, exc, "the tool ran out of memory (memory_mb limit)")
+    except guards.GuardDenied as exc:
+        reply = "error", _error(protocol.ERR_DENIED, exc)
+    except BaseException as exc:  # noqa: BLE001 - everything the tool raises goes back to the parent
+        kind = protocol.ERR_RESOURCE if isinstance(exc, OSError) and exc.errno == 27 else protocol.ERR_TOOL
+        reply = "error", _error(kind, exc)
+    finally:
+        os.chdir(state.base_dir)
+        shutil.rmtree(cwd, ignore_errors=True)
+    events = guards.take_events()
+    if any(e.get("action") == "block" for e in events) and reply[0] == "result":
+        blocked = next(e for e in events if e.get("action") == "block")
+        reply = "error", _error(protocol.ERR_DENIED, None, str(blocked.get("reason", "")))
+    reply[1]["events"] = events
+    if reply[0] == "result":
+        reply[1]["retire"] = state.cpu_hard - _cpu_used() < state.cpu_s + 1
+    return reply
+
+
+def _send_reply(chan: socket.socket, kind: str, body: dict[str, Any]) -> None:
+    try:
+        data = protocol.encode(kind, body)
+    except MemoryError as exc:
+        data = protocol.encode("error", _error(protocol.ERR_MEMORY, exc,
+                                               "the result was too large to serialise (memory_mb limit)",
+                                               events=body.get("events", [])))
+    except Exception as exc:  # noqa: BLE001 - pickling can raise anything
+        data = protocol.encode("error", _error(
+            protocol.ERR_UNPICKLABLE, exc,
+            f"the tool's result could not be serialised: {type(exc).__name__}: {exc}",
+            events=body.get("events", [])))
+    chan.sendall(data)
+
+
+def serve(chan: socket.socket) -> None:
+    """Answer requests until the parent closes the channel or says exit."""
+    state = _State()
+    while True:
+        try:
+            kind, body = protocol.decode(protocol.recv_frame(chan))
+        except (protocol.PeerClosed, OSError, pickle.UnpicklingError, EOFError):
+            os._exit(0)
+        if kind == "init":
+            try:
+                lock_down(state, body)
+            except BaseException as exc:  # noqa: BLE001
+                state.init_error = _error(protocol.ERR_INIT, exc,
+                                          f"worker lock-down failed: {type(exc).__name__}: {exc}")
+        elif kind == "call":
+            try:
+                reply_kind, reply = _run_call(state, body)
+            except BaseException as exc:  # noqa: BLE001
+                reply_kind, reply = "error", _error(protocol.ERR_TOOL, exc)
+            _send_reply(chan, reply_kind, reply)
+        else:
+            os._exit(0)

@@ -1,0 +1,121 @@
+"""The wire protocol between the parent and a worker: the only definition of messages.
+
+Framing: every message is ``HEADER`` (payload length, 4 bytes, network order) followed
+by a pickled ``(kind, body)`` tuple. The reader checks the length against its limit
+*before* reading the payload, so a worker cannot make the parent buffer more than
+``Limits.output_bytes``.
+
+Messages, parent -> worker:
+  ("init", {...})   lock down and load the tool (see worker.main.lock_down)
+  ("call", {"token": bytes, "mac": str, "args": dict})
+  ("exit", {})
+Worker -> parent:
+  ("result", {"value": obj, "events": [GuardEvent], "retire": bool})
+  ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...]})
+
+The capability token is ``header \\n grants \\n limits`` (three canonical JSON documents)
+with an HMAC-SHA256 under the per-session key; the grants and limits parts are the same
+bytes for every call of a tool, which lets both sides cache their encoding and parsing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import pickle
+import socket
+import struct
+from typing import Any
+
+HEADER = struct.Struct("!I")
+PICKLE_PROTOCOL = 5
+MAX_CONTROL_FRAME = 64 * 1024 * 1024
+
+# Error kinds a worker reports; the parent maps each to one FailCore error.
+ERR_TOOL = "tool"  # the tool raised
+ERR_DENIED = "denied"  # a guard blocked an operation during the call
+ERR_TOKEN = "token"  # the token did not verify or exceeds the locked-down grants
+ERR_MEMORY = "memory"  # MemoryError / RLIMIT_AS
+ERR_RESOURCE = "resource"  # another rlimit (file size, open files, CPU)
+ERR_UNPICKLABLE = "unpicklable"  # the result (or arguments) could not be pickled
+ERR_INIT = "init"  # lock-down or loading the tool failed
+
+
+class FrameTooLarge(Exception):
+    """The peer announced a frame larger than the reader's limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class PeerClosed(Exception):
+    """The peer closed the channel (or died) before a whole frame arrived."""
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode(kind: str, body: dict[str, Any]) -> bytes:
+    payload = pickle.dumps((kind, body), protocol=PICKLE_PROTOCOL)
+    return HEADER.pack(len(payload)) + payload
+
+
+def send(sock: socket.socket, kind: str, body: dict[str, Any]) -> int:
+    data = encode(kind, body)
+    sock.sendall(data)
+    return len(data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise PeerClosed(f"channel closed after {got} of {n} bytes")
+        got += k
+    return buf
+
+
+def recv_frame(sock: socket.socket, limit: int = MAX_CONTROL_FRAME) -> bytes | bytearray:
+    """Read one frame's payload; raise FrameTooLarge without reading it when over ``limit``."""
+    head = sock.recv(HEADER.size, socket.MSG_WAITALL)
+    if len(head) < HEADER.size:
+        raise PeerClosed("channel closed before a frame header")
+    (size,) = HEADER.unpack(head)
+    if size > limit:
+        raise FrameTooLarge(size, limit)
+    return _recv_exact(sock, size)
+
+
+def decode(payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
+    kind, body = pickle.loads(payload)
+    return kind, body
+
+
+def recv(sock: socket.socket, limit: int = MAX_CONTROL_FRAME) -> tuple[str, dict[str, Any]]:
+    return decode(recv_frame(sock, limit))
+
+
+def sign(key: bytes, token: bytes) -> str:
+    return hmac.new(key, token, hashlib.sha256).hexdigest()
+
+
+def verify(key: bytes, token: bytes, mac: str) -> bool:
+    return hmac.compare_digest(sign(key, token), mac)
+
+
+def split_token(token: bytes) -> tuple[dict[str, Any], bytes, bytes]:
+    """(header, grants bytes, limits bytes) of a token; raises ValueError when malformed."""
+    parts = token.split(b"\n")
+    if len(parts) != 3:
+        raise ValueError("malformed token: expected header, grants and limits")
+    header = json.loads(parts[0])
+    if not isinstance(header, dict):
+        raise ValueError("malformed token header")
+    return header, parts[1], parts[2]

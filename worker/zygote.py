@@ -1,0 +1,135 @@
+"""The zygote: a clean, spawned interpreter that forks workers on request.
+
+Spawning a Python interpreter costs tens of milliseconds; forking a preloaded one costs
+about two. The zygote is started with ``sys.executable -I`` and an environment reduced to
+a fixed minimal set, so the workers it forks never saw the parent's memory, environment
+or file descriptors (the point of "spawn, never fork" is kept: nothing of the parent is
+inherited).
+
+Control channel (SOCK_SEQPACKET, one message per packet, pickled tuples):
+  parent -> zygote: ("fork", worker_id) with the worker's channel fd attached (SCM_RIGHTS)
+  zygote -> parent: ("forked", worker_id, pid) | ("exited", pid, wait_status)
+When the control channel closes (the parent exited or died), the zygote kills every
+worker it forked and exits. Workers get PR_SET_PDEATHSIG so they die with the zygote.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+
+# Preloaded so forked workers do not pay for these imports (and read no files for them
+# once the guards are on).
+import asyncio  # noqa: F401
+import http.client  # noqa: F401
+import json  # noqa: F401
+import shutil  # noqa: F401
+import ssl  # noqa: F401
+import subprocess  # noqa: F401
+import urllib.request  # noqa: F401
+
+import cloudpickle  # noqa: F401
+
+from worker import guards, main  # noqa: F401
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _child(ctl: socket.socket, chan_fd: int) -> None:
+    try:
+        ctl.close()
+        os.setsid()
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # the zygote died between fork and prctl
+            os._exit(1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        os.closerange(3, chan_fd)
+        os.closerange(chan_fd + 1, 65536)
+        chan = socket.socket(fileno=chan_fd)
+        main.serve(chan)
+    finally:
+        os._exit(0)
+
+
+def _reap(ctl: socket.socket, children: set[int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        try:
+            ctl.send(pickle.dumps(("exited", pid, status)))
+        except OSError:
+            pass
+
+
+def _shutdown(children: set[int]) -> None:
+    for pid in list(children):
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for pid in list(children):
+        try:
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    os._exit(0)
+
+
+def serve(ctl_fd: int) -> None:
+    ctl = socket.socket(fileno=ctl_fd)
+    children: set[int] = set()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: _shutdown(children))
+    ctl.send(pickle.dumps(("ready", os.getpid())))
+    while True:
+        ready, _, _ = select.select([ctl, wake_r], [], [], 1.0)
+        if wake_r in ready:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        _reap(ctl, children)
+        if ctl not in ready:
+            continue
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, 4096, 1)
+        except OSError:
+            _shutdown(children)
+        if not msg:
+            _shutdown(children)
+        kind, worker_id = pickle.loads(msg)
+        if kind != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            os.close(wake_r)
+            os.close(wake_w)
+            _child(ctl, fds[0])
+        os.close(fds[0])
+        children.add(pid)
+        ctl.send(pickle.dumps(("forked", worker_id, pid)))
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
