@@ -1,0 +1,368 @@
+"""Summaries of a trace (for ``failcore show``) and the self-contained HTML audit report.
+
+``summarize`` is a pure function of the records: the CLI's timeline, its ``--json``
+output and the HTML report all read the same summary, so their counts cannot drift
+apart. The report embeds that summary as ``<script type="application/json"
+id="failcore-summary">`` (data, never executed) so a test or an auditor's tool can
+check the visible numbers against it. Every value from the trace is escaped: tool
+arguments are attacker-controlled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from failcore._trace import VerifyReport
+
+
+@dataclasses.dataclass
+class Attempt:
+    """An operation a policy flagged: refused ("block") or let through with a warning."""
+
+    call_id: str | None
+    tool: str
+    layer: str  # "precheck" (layer 1, before dispatch) or "worker" (layer 3 guards)
+    what: str
+    action: str
+    rule: str
+    reason: str
+
+
+@dataclasses.dataclass
+class CallSummary:
+    call_id: str
+    tool: str
+    status: str  # a call.end status, or "unfinished" when the trace has no call.end
+    duration_ms: float | None = None
+    args: Any = None
+    error: dict[str, Any] | None = None
+    granted: list[str] = dataclasses.field(default_factory=list)
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ToolSummary:
+    tool: str
+    risk_level: str
+    side_effects: list[str]
+    default_policy: str
+    isolation: str
+    capabilities: list[str]
+    limits: dict[str, Any]
+    granted: list[str] | None = None
+    refused: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class TraceSummary:
+    records: int
+    sessions: int
+    complete: bool  # the last record is session.end
+    failcore_version: str | None
+    policies: list[str | None]
+    tools: list[ToolSummary]
+    calls: list[CallSummary]
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        return [a for c in self.calls for a in c.attempts]
+
+    def counts(self) -> dict[str, Any]:
+        """The numbers the report and ``show`` print; tests recompute them from the records."""
+        attempts = self.attempts
+        return {
+            "records": self.records,
+            "sessions": self.sessions,
+            "tools": len(self.tools),
+            "calls": len(self.calls),
+            "status": dict(sorted(Counter(c.status for c in self.calls).items())),
+            "blocked": sum(a.action == "block" for a in attempts),
+            "blocked_precheck": sum(a.action == "block" and a.layer == "precheck" for a in attempts),
+            "blocked_worker": sum(a.action == "block" and a.layer == "worker" for a in attempts),
+            "warnings": sum(a.action == "warn" for a in attempts),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts(),
+            "complete": self.complete,
+            "failcore_version": self.failcore_version,
+            "policies": self.policies,
+            "tools": [dataclasses.asdict(t) for t in self.tools],
+            "calls": [dataclasses.asdict(c) for c in self.calls],
+        }
+
+
+def guard_target(body: dict[str, Any]) -> str:
+    """What a guard event was about, as one short string."""
+    if body.get("target"):
+        return str(body["target"])
+    if body.get("host") is not None:
+        port = body.get("port")
+        return f"{body['host']}:{port}" if port is not None else str(body["host"])
+    for key in ("path", "program"):
+        if body.get(key):
+            return str(body[key])
+    if body.get("names"):
+        return ",".join(str(n) for n in body["names"])
+    return str(body.get("op", "?"))
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> TraceSummary:
+    """Fold the records into per-call and per-tool summaries. Tolerates unknown kinds
+    and missing keys (a trace that fails verify can still be shown)."""
+    tools: dict[str, ToolSummary] = {}
+    calls: dict[str, CallSummary] = {}
+    policies: list[str | None] = []
+    version: str | None = None
+    last_tool: str | None = None
+    for rec in records:
+        kind = rec.get("kind")
+        body = rec.get("body") if isinstance(rec.get("body"), dict) else {}
+        assert isinstance(body, dict)
+        cid = rec.get("call_id")
+        if kind == "session.start":
+            policies.append(body.get("policy"))
+            version = body.get("failcore_version", version)
+        elif kind == "tool.register":
+            name = str(body.get("tool", "?"))
+            last_tool = name
+            tools[name] = ToolSummary(
+                name, str(body.get("risk_level", "?")), list(body.get("side_effects") or []),
+                str(body.get("default_policy", "?")), str(body.get("isolation", "?")),
+                list(body.get("capabilities") or []), dict(body.get("limits") or {}),
+            )
+            continue
+        if not isinstance(cid, str):
+            if kind == "policy.grants":
+                name = str(body.get("tool", last_tool))
+                if name in tools:
+                    tools[name].granted = list(body.get("granted") or [])
+                    tools[name].refused = list(body.get("refused") or [])
+            continue
+        call = calls.get(cid)
+        if call is None:
+            call = calls[cid] = CallSummary(cid, str(body.get("tool", "?")), "unfinished")
+        if kind == "call.start":
+            call.tool = str(body.get("tool", call.tool))
+            call.args = body.get("args")
+            tool = tools.get(call.tool)
+            if tool is not None and tool.granted is not None:
+                call.granted = list(tool.granted)
+        elif kind == "policy.grants":
+            call.granted = list(body.get("granted") or [])
+        elif kind == "policy.precheck":
+            for f in body.get("findings") or []:
+                call.attempts.append(Attempt(
+                    cid, call.tool, "precheck", str(f.get("arg", "?")), str(f.get("action", "?")),
+                    str(f.get("rule", "")), str(f.get("reason", "")),
+                ))
+        elif kind == "guard" and body.get("action") in ("block", "warn"):
+            call.attempts.append(Attempt(
+                cid, call.tool, "worker", f"{body.get('op', '?')} {guard_target(body)}",
+                str(body["action"]), str(body.get("rule", "")), str(body.get("reason", "")),
+            ))
+        elif kind == "call.end":
+            call.tool = str(body.get("tool", call.tool))
+            call.status = str(body.get("status", "?"))
+            duration = body.get("duration_ms")
+            call.duration_ms = duration if isinstance(duration, int | float) else None
+            call.error = body.get("error") if isinstance(body.get("error"), dict) else None
+    return TraceSummary(
+        records=len(records),
+        sessions=len(policies),
+        complete=bool(records) and records[-1].get("kind") == "session.end",
+        failcore_version=version,
+        policies=policies,
+        tools=list(tools.values()),
+        calls=list(calls.values()),
+    )
+
+
+# --- HTML ------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#1d2330;background:#fff}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde1e8;padding-bottom:4px}
+.sub{color:#5b6475;margin-bottom:16px}
+.tiles{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
+.tile{border:1px solid #dde1e8;border-radius:8px;padding:10px 16px;min-width:110px}
+.tile b{display:block;font-size:24px}.tile span{color:#5b6475;font-size:12px;text-transform:uppercase}
+.tile.bad b{color:#b42318}.tile.warn b{color:#a15c07}.tile.good b{color:#067647}
+table{border-collapse:collapse;width:100%;margin:6px 0}
+th,td{text-align:left;vertical-align:top;padding:5px 8px;border-bottom:1px solid #eceef2}
+th{background:#f6f7f9;font-weight:600;font-size:12px;text-transform:uppercase;color:#5b6475}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.5px;overflow-wrap:anywhere}
+td.id,td.num{white-space:nowrap}
+.badge{display:inline-block;border-radius:10px;padding:1px 8px;font-size:12px;font-weight:600;background:#eceef2}
+.s-ok,.v-ok{background:#dcfae6;color:#067647}.s-blocked,.a-block,.v-bad{background:#fee4e2;color:#b42318}
+.a-warn,.s-unfinished{background:#fef0c7;color:#a15c07}
+.s-timeout,.s-crashed,.s-resource,.s-failed,.s-invalid_input,.s-invalid_output{background:#fde8d7;color:#93370d}
+ul.plain{margin:0;padding-left:16px}.muted{color:#8a93a3}
+details summary{cursor:pointer;color:#3b5bdb}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _badge(text: str, cls: str) -> str:
+    return f'<span class="badge {_e(cls)}">{_e(text)}</span>'
+
+
+def _short(value: Any, limit: int = 400) -> str:
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} chars)"
+
+
+_LIMIT_UNITS = (("timeout_s", "timeout", "s"), ("memory_mb", "memory", "MB"), ("cpu_s", "CPU", "s"),
+                ("file_size_mb", "file size", "MB"), ("open_files", "open files", ""),
+                ("output_bytes", "output", "bytes"))
+
+
+def _limits(limits: dict[str, Any]) -> str:
+    known = [f"{label} {_e(limits[key])}{' ' + unit if unit else ''}"
+             for key, label, unit in _LIMIT_UNITS if key in limits]
+    other = [f"{_e(k)} {_e(v)}" for k, v in sorted(limits.items())
+             if k not in {key for key, _, _ in _LIMIT_UNITS}]
+    return "<br>".join(known + other) or '<span class="muted">none</span>'
+
+
+def _list(items: Sequence[Any]) -> str:
+    if not items:
+        return '<span class="muted">none</span>'
+    return '<ul class="plain">' + "".join(f"<li><code>{_e(i)}</code></li>" for i in items) + "</ul>"
+
+
+def _table(headers: Sequence[str], rows: list[str], empty: str, table_id: str) -> str:
+    if not rows:
+        return f'<p class="muted" id="{table_id}" data-rows="0">{_e(empty)}</p>'
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    return (f'<table id="{table_id}" data-rows="{len(rows)}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+def _attempt_rows(attempts: list[Attempt]) -> list[str]:
+    return [
+        f'<tr><td class="mono id">{_e(a.call_id)}</td><td>{_e(a.tool)}</td><td>{_e(a.layer)}</td>'
+        f'<td><code>{_e(a.what)}</code></td><td><code>{_e(a.rule)}</code></td><td>{_e(a.reason)}</td></tr>'
+        for a in attempts
+    ]
+
+
+def _summary_json(summary: TraceSummary, extra: dict[str, Any]) -> str:
+    data = dict(summary.to_json(), **extra)
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=repr)
+    # Inside <script> only "</" could end the element; escape every markup character.
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def render_report(
+    records: Sequence[dict[str, Any]],
+    *,
+    trace_path: str | None = None,
+    verify: VerifyReport | None = None,
+) -> str:
+    """One self-contained HTML page (inline CSS, no scripts to run, no external URLs)."""
+    summary = summarize(records)
+    counts = summary.counts()
+    attempts = summary.attempts
+    blocked = [a for a in attempts if a.action == "block"]
+    warned = [a for a in attempts if a.action == "warn"]
+    policies = sorted({str(p) for p in summary.policies}) or ["(none recorded)"]
+    if verify is None:
+        verify_html = _badge("not checked", "")
+    elif verify.ok:
+        verify_html = _badge("chain and schema OK", "v-ok") + f' <code class="muted">head {_e(verify.head)}</code>'
+    else:
+        verify_html = _badge(f"FAILED: {len(verify.errors)} problem(s)", "v-bad")
+
+    def tile(key: str, label: str, value: int, tone: str) -> str:
+        return (f'<div class="tile {tone}" data-count="{_e(key)}" data-value="{value}">'
+                f"<b>{value}</b><span>{_e(label)}</span></div>")
+
+    ok_calls = counts["status"].get("ok", 0)
+    tiles = "".join((
+        tile("calls", "calls", counts["calls"], ""),
+        tile("ok", "ok", ok_calls, "good"),
+        tile("blocked", "blocked attempts", counts["blocked"], "bad" if counts["blocked"] else ""),
+        tile("warnings", "warnings", counts["warnings"], "warn" if counts["warnings"] else ""),
+        tile("tools", "tools", counts["tools"], ""),
+        tile("records", "records", counts["records"], ""),
+    ))
+    status_line = ", ".join(f"{n} {_e(s)}" for s, n in counts["status"].items()) or "no calls"
+    header_rows = [
+        ("Trace file", f"<code>{_e(trace_path or '(in memory)')}</code>"),
+        ("Verify", verify_html),
+        ("Policy", ", ".join(f"<code>{_e(p)}</code>" for p in policies)),
+        ("FailCore", _e(summary.failcore_version or "?")),
+        ("Sessions", f"{summary.sessions}" + ("" if summary.complete else
+                                               ' <span class="badge a-warn">did not end cleanly</span>')),
+        ("Call outcomes", status_line),
+    ]
+    header = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in header_rows)
+
+    call_rows = []
+    for c in summary.calls:
+        duration = "" if c.duration_ms is None else f"{c.duration_ms:.1f} ms"
+        n_block = sum(a.action == "block" for a in c.attempts)
+        error = f'<div class="muted">{_e(c.error.get("type"))}: {_e(c.error.get("message"))}</div>' if c.error else ""
+        call_rows.append(
+            f'<tr data-status="{_e(c.status)}"><td class="mono id">{_e(c.call_id)}</td><td>{_e(c.tool)}</td>'
+            f'<td>{_badge(c.status, "s-" + c.status)}{error}</td><td class="num">{_e(duration)}</td>'
+            f"<td>{_list(c.granted)}</td><td class=\"num\">{n_block}</td>"
+            f"<td><details><summary>args</summary><code>{_e(_short(c.args))}</code></details></td></tr>"
+        )
+    tool_rows = [
+        f"<tr><td>{_e(t.tool)}</td><td>{_e(t.risk_level)}</td><td>{_e(', '.join(t.side_effects) or 'NONE')}</td>"
+        f"<td>{_e(t.default_policy)}</td><td>{_e(t.isolation)}</td><td>{_list(t.capabilities)}</td>"
+        f"<td>{_list(t.granted if t.granted is not None else [])}"
+        + "".join(f'<div class="muted">refused <code>{_e(r.get("capability"))}</code>: {_e(r.get("rule"))}</div>'
+                  for r in t.refused)
+        + f"</td><td>{_limits(t.limits)}</td></tr>"
+        for t in summary.tools
+    ]
+    verify_section = ""
+    if verify is not None and (verify.errors or verify.warnings):
+        verify_section = (
+            "<h2>Verification</h2>"
+            + "".join(f'<p>{_badge("error", "v-bad")} {_e(m)}</p>' for m in verify.errors)
+            + "".join(f'<p>{_badge("warning", "a-warn")} {_e(m)}</p>' for m in verify.warnings)
+        )
+    attempt_headers = ("call", "tool", "layer", "what", "rule", "reason")
+    extra = {
+        "trace": trace_path,
+        "verify": None if verify is None else {"ok": verify.ok, "errors": verify.errors,
+                                               "warnings": verify.warnings, "head": verify.head},
+    }
+    title = f"FailCore trace report: {trace_path}" if trace_path else "FailCore trace report"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>FailCore trace report</h1>
+<div class="sub">Every call, every decision, from a hash-chained trace.</div>
+<table id="header">{header}</table>
+<div class="tiles">{tiles}</div>
+{verify_section}
+<h2>Calls</h2>
+{_table(("call", "tool", "status", "duration", "grants", "blocked", "args"), call_rows,
+        "No calls in this trace.", "calls")}
+<h2>Blocked attempts</h2>
+{_table(attempt_headers, _attempt_rows(blocked), "Nothing was blocked.", "blocked")}
+<h2>Warnings</h2>
+{_table(attempt_headers, _attempt_rows(warned), "No warnings.", "warnings")}
+<h2>Tools registered</h2>
+{_table(("tool", "risk", "side effects", "default", "isolation", "capabilities", "granted", "limits"),
+        tool_rows, "No tools registered in this trace.", "tools")}
+<script type="application/json" id="failcore-summary">{_summary_json(summary, extra)}</script>
+</body></html>
+"""

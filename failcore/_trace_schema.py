@@ -1,0 +1,353 @@
+"""The schema of trace records: one pydantic model per ``kind``, discriminated on ``kind``.
+
+A record is ``{"seq", "t", "call_id", "kind", "body", "prev"}`` (SPEC section 7). The
+bodies below are exactly what the session writes; unknown keys are refused so that a
+typo in the writer, or a field slipped into a trace by hand, fails ``failcore verify``
+instead of going unnoticed. The few places that accept more are said so: ``ipc.send`` /
+``ipc.recv`` bodies (the message summary may grow), ``token.mint`` grants (the shape of
+``worker.rules.Grants.to_wire()`` belongs to that module) and ``call.start`` args /
+``call.end`` result (user data).
+
+Validation is strict (no ``"5"`` for an int, no ``true`` for a number): a trace is
+machine-written, so anything a lax parse would have to coerce is a sign of tampering.
+
+``python -m failcore._trace_schema > failcore/trace_schema.json`` regenerates the
+shipped JSON Schema; a test asserts the shipped file equals the generated one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
+from failcore._errors import TraceError
+
+FORMAT_VERSION = 1
+
+Action = Literal["allow", "warn", "block"]
+Isolation = Literal["tool", "call"]
+CallStatus = Literal[
+    "ok", "blocked", "invalid_input", "invalid_output", "timeout", "crashed", "resource",
+    "failed", "replayed",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
+# --- pieces shared by several bodies -------------------------------------------------
+
+
+class LimitsBody(_Strict):
+    """``failcore._metadata.Limits.to_wire()``."""
+
+    timeout_s: float
+    memory_mb: int | float  # Limits accepts floats for these too
+    cpu_s: int | None
+    file_size_mb: int | float
+    open_files: int | float
+    output_bytes: int | float
+
+
+class ErrorItem(_Strict):
+    """One validation problem: where (``loc``, dotted) and what."""
+
+    loc: str
+    msg: str
+    type: str | None = None
+
+
+class PrecheckFinding(_Strict):
+    arg: str
+    action: Action
+    rule: str
+    reason: str
+
+
+class RefusedCapability(_Strict):
+    capability: str
+    rule: str
+    reason: str
+
+
+class CallError(_Strict):
+    """The error a failed call raised. Optional keys carry SecurityError / ToolFailed detail."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+    rule: str | None = None
+    target: str | None = None
+    layer: str | None = None
+
+
+# --- bodies, one per kind ------------------------------------------------------------
+
+
+class SessionStartBody(_Strict):
+    failcore_version: str
+    policy: str | None
+    format: Literal[1]
+
+
+class ToolRegisterBody(_Strict):
+    tool: str
+    risk_level: Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
+    side_effects: list[Literal["NONE", "FILESYSTEM", "NETWORK", "PROCESS", "ENVIRONMENT"]]
+    default_policy: Literal["BLOCK", "WARN", "ALLOW"]
+    capabilities: list[str]
+    limits: LimitsBody
+    isolation: Isolation
+
+
+class CallStartBody(_Strict):
+    tool: str
+    args: dict[str, Any]
+
+
+class ValidateBody(_Strict):
+    ok: bool
+    errors: list[ErrorItem]
+
+
+class PrecheckBody(_Strict):
+    findings: list[PrecheckFinding]
+
+
+class GrantsBody(_Strict):
+    """What the session policy granted of a tool's capabilities (at registration: ``tool``)."""
+
+    granted: list[str]
+    refused: list[RefusedCapability]
+    tool: str | None = None
+
+
+class TokenMintBody(_Strict):
+    grants: dict[str, Any]
+    limits: LimitsBody
+    ttl_s: float
+
+
+class IpcBody(_Open):
+    """A message that crossed the pipe: its type and size; more summary keys allowed."""
+
+    type: str
+    bytes: int = Field(ge=0)
+
+
+class GuardBody(_Strict):
+    """A guarded operation the worker reported (``worker.rules.GuardEvent``)."""
+
+    op: str
+    action: Action
+    rule: str
+    reason: str
+    target: str | None = None
+    host: str | None = None
+    port: int | None = None
+    names: list[str] | None = None
+    path: str | None = None
+    write: bool | None = None
+    program: str | None = None
+
+
+class CallEndBody(_Strict):
+    tool: str
+    status: CallStatus
+    result: Any
+    error: CallError | None
+    duration_ms: float
+
+
+class WorkerSpawnBody(_Strict):
+    worker: str
+    isolation: Isolation
+    pid: int
+
+
+class WorkerKillBody(_Strict):
+    worker: str
+    reason: str
+    pid: int | None
+
+
+class WorkerExitBody(_Strict):
+    worker: str
+    exitcode: int | None
+
+
+class CallTimeoutBody(_Strict):
+    timeout_s: float
+
+
+class SessionEndBody(_Strict):
+    calls: int = Field(ge=0)
+
+
+# --- records ---------------------------------------------------------------------------
+
+
+class _Record(_Strict):
+    seq: int = Field(ge=0)
+    t: float = Field(ge=0)
+    call_id: str | None = Field(min_length=1)
+    prev: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class SessionStart(_Record):
+    kind: Literal["session.start"]
+    body: SessionStartBody
+
+
+class ToolRegister(_Record):
+    kind: Literal["tool.register"]
+    body: ToolRegisterBody
+
+
+class CallStart(_Record):
+    kind: Literal["call.start"]
+    body: CallStartBody
+
+
+class ValidateInput(_Record):
+    kind: Literal["validate.input"]
+    body: ValidateBody
+
+
+class PolicyPrecheck(_Record):
+    kind: Literal["policy.precheck"]
+    body: PrecheckBody
+
+
+class PolicyGrants(_Record):
+    kind: Literal["policy.grants"]
+    body: GrantsBody
+
+
+class TokenMint(_Record):
+    kind: Literal["token.mint"]
+    body: TokenMintBody
+
+
+class IpcSend(_Record):
+    kind: Literal["ipc.send"]
+    body: IpcBody
+
+
+class IpcRecv(_Record):
+    kind: Literal["ipc.recv"]
+    body: IpcBody
+
+
+class Guard(_Record):
+    kind: Literal["guard"]
+    body: GuardBody
+
+
+class ValidateOutput(_Record):
+    kind: Literal["validate.output"]
+    body: ValidateBody
+
+
+class CallEnd(_Record):
+    kind: Literal["call.end"]
+    body: CallEndBody
+
+
+class WorkerSpawn(_Record):
+    kind: Literal["worker.spawn"]
+    body: WorkerSpawnBody
+
+
+class WorkerKill(_Record):
+    kind: Literal["worker.kill"]
+    body: WorkerKillBody
+
+
+class WorkerExit(_Record):
+    kind: Literal["worker.exit"]
+    body: WorkerExitBody
+
+
+class CallTimeout(_Record):
+    kind: Literal["call.timeout"]
+    body: CallTimeoutBody
+
+
+class SessionEnd(_Record):
+    kind: Literal["session.end"]
+    body: SessionEndBody
+
+
+_MODELS: tuple[type[_Record], ...] = (
+    SessionStart, ToolRegister, CallStart, ValidateInput, PolicyPrecheck, PolicyGrants,
+    TokenMint, IpcSend, IpcRecv, Guard, ValidateOutput, CallEnd, WorkerSpawn, WorkerKill,
+    WorkerExit, CallTimeout, SessionEnd,
+)
+
+KINDS: frozenset[str] = frozenset(
+    get_args(m.model_fields["kind"].annotation)[0] for m in _MODELS
+)
+
+TraceRecord = Annotated[
+    SessionStart | ToolRegister | CallStart | ValidateInput | PolicyPrecheck | PolicyGrants
+    | TokenMint | IpcSend | IpcRecv | Guard | ValidateOutput | CallEnd | WorkerSpawn
+    | WorkerKill | WorkerExit | CallTimeout | SessionEnd,
+    Field(discriminator="kind"),
+]
+
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(TraceRecord)
+
+
+def _describe(exc: PydanticValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def validate_record(rec: Mapping[str, Any]) -> _Record:
+    """Validate one decoded record; return its model or raise TraceError saying what is wrong."""
+    if not isinstance(rec, Mapping):
+        raise TraceError(f"a record must be a JSON object, got {type(rec).__name__}")
+    kind = rec.get("kind")
+    if kind not in KINDS:
+        raise TraceError(f"unknown kind {kind!r} (known kinds: {', '.join(sorted(KINDS))})")
+    try:
+        model: _Record = _ADAPTER.validate_python(dict(rec))
+    except PydanticValidationError as exc:
+        # The first loc element is the discriminator tag; drop it, the kind is named once.
+        raise TraceError(f"{kind}: {_describe(exc).replace(f'{kind}.', '')}") from None
+    return model
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of one trace line (draft 2020-12), as shipped in trace_schema.json."""
+    schema: dict[str, Any] = _ADAPTER.json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "FailCore trace record"
+    schema["description"] = (
+        f"One line of a FailCore trace (format {FORMAT_VERSION}): canonical JSON, sorted keys, "
+        "hash-chained through prev. Generated by `python -m failcore._trace_schema`."
+    )
+    return schema
+
+
+def json_schema_text() -> str:
+    """The exact text of the shipped trace_schema.json."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(json_schema_text())
