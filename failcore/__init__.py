@@ -1,0 +1,58 @@
+"""FailCore: an execution-time safety runtime for the tools AI agents call.
+
+Every tool runs in a locked-down worker process; the parent validates inputs and
+outputs, mints a capability token per call, enforces limits, and writes a hash-chained
+trace of everything that crossed the boundary. Defense in depth, not an OS sandbox:
+see SECURITY.md for what each layer stops and what gets around it.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.2.0"
+
+from failcore import presets
+from failcore._capabilities import Capability, parse_capability
+from failcore._errors import (
+    FailCoreError,
+    InputValidationError,
+    OutputValidationError,
+    RegistrationError,
+    ReplayMismatch,
+    ResourceLimitExceeded,
+    SecurityError,
+    ToolFailed,
+    ToolTimeout,
+    ValidationError,
+    WorkerCrashed,
+)
+from failcore._metadata import DefaultPolicy, Limits, RiskLevel, SideEffect, ToolMetadata
+from failcore._policy import Policy, load_policy
+from failcore._session import Session
+from failcore._validation import Secret
+
+__all__ = [
+    "Capability",
+    "DefaultPolicy",
+    "FailCoreError",
+    "InputValidationError",
+    "Limits",
+    "OutputValidationError",
+    "Policy",
+    "RegistrationError",
+    "ReplayMismatch",
+    "ResourceLimitExceeded",
+    "RiskLevel",
+    "Secret",
+    "SecurityError",
+    "Session",
+    "SideEffect",
+    "ToolFailed",
+    "ToolMetadata",
+    "ToolTimeout",
+    "ValidationError",
+    "WorkerCrashed",
+    "__version__",
+    "load_policy",
+    "parse_capability",
+    "presets",
+]

@@ -1,0 +1,488 @@
+"""The Session: registry, dispatch to locked-down workers, trace, replay.
+
+Layers, top to bottom: ``Session`` (API, registration invariants, validation, policy
+pre-check, token, trace) -> ``_dispatch.exchange`` (one request/response within a
+deadline) -> ``_workers.Pool`` (prespawned workers forked by a clean zygote).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import functools
+import itertools
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, cast
+
+import cloudpickle
+
+from failcore import _dispatch
+from failcore._capabilities import Capability, parse_capabilities
+from failcore._errors import (
+    FailCoreError,
+    InputValidationError,
+    OutputValidationError,
+    RegistrationError,
+    SecurityError,
+    ToolFailed,
+)
+from failcore._metadata import DefaultPolicy, RiskLevel, SideEffect, ToolMetadata
+from failcore._policy import Policy
+from failcore._privilege import plan as privilege_plan
+from failcore._replay import Replayer
+from failcore._token import TokenMinter, ToolGrants
+from failcore._validation import ToolModels, build_models
+from failcore._watchdog import Watchdog
+from failcore._workers import Pool, Worker
+from failcore._zygote import MINIMAL_ENV, Zygote
+from worker import protocol
+from worker.rules import GuardEvent
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+_SYSTEM_READ = (
+    "/etc/ssl", "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates",
+    "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
+    "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo",
+    "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero",
+)
+
+
+class _NoTrace:
+    def record(self, kind: str, call_id: str | None, body: dict[str, Any]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class _Tool:
+    def __init__(self, name: str, fn: Callable[..., Any], metadata: ToolMetadata,
+                 caps: tuple[Capability, ...], models: ToolModels, parts: ToolGrants,
+                 blob: bytes, env_names: tuple[str, ...]) -> None:
+        self.name = name
+        self.fn = fn
+        self.metadata = metadata
+        self.caps = caps
+        self.models = models
+        self.parts = parts
+        self.blob = blob
+        self.env_names = env_names
+        self.limits = metadata.limits
+        self.isolation = metadata.effective_isolation
+        self.cond = threading.Condition()
+        self.free: list[Worker] = []
+        self.count = 0
+
+
+def _by_value(fn: Callable[..., Any]) -> bytes:
+    """Pickle ``fn``; by value unless it lives in an installed package the worker can import."""
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    origin = getattr(module, "__file__", None) or ""
+    installed = any(origin.startswith(p) for p in (sys.prefix, sys.base_prefix) if p)
+    if module is None or installed or module.__name__ == "__main__":
+        return bytes(cloudpickle.dumps(fn))
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        return bytes(cloudpickle.dumps(fn))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+class Session:
+    """Runs registered tools in locked-down workers. Thread-safe; use as a context manager.
+
+    ``validator``: the session policy (a preset, ``load_policy(...)`` or a composition);
+    ``None`` means no session-wide restriction beyond each tool's own capabilities.
+    ``trace``: a JSONL path or ``None``. ``replay``: answer calls from a recorded trace
+    instead of running anything. ``prespawn``: idle workers kept ready for fresh calls.
+    ``max_workers_per_tool``: warm workers a tool may have at once. ``worker_user``:
+    ``"auto"`` (drop to ``nobody`` when the parent is root and the interpreter is readable
+    by it), a user name/uid to force, or ``None`` to never drop.
+    """
+
+    def __init__(self, validator: Policy | None = None, trace: str | os.PathLike[str] | None = None,
+                 *, replay: str | os.PathLike[str] | None = None, prespawn: int = 2,
+                 max_workers_per_tool: int = 2, worker_user: str | int | None = "auto",
+                 watchdog_interval_s: float = 0.05) -> None:
+        from failcore import presets
+        from failcore._trace import TraceWriter
+
+        if prespawn < 0 or max_workers_per_tool < 1:
+            raise ValueError("prespawn must be >= 0 and max_workers_per_tool >= 1")
+        self.policy: Policy = validator if validator is not None else presets.allow_all()
+        self._tools: dict[str, _Tool] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._calls = 0
+        self._closed = False
+        self._max_workers = max_workers_per_tool
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._replay = Replayer(os.fspath(replay)) if replay is not None else None
+        self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else _NoTrace()
+        from failcore import __version__
+
+        self._trace.record("session.start", None, {
+            "failcore_version": __version__, "policy": getattr(self.policy, "name", None), "format": 1})
+        self._pool: Pool | None = None
+        self._zygote: Zygote | None = None
+        self._watchdog: Watchdog | None = None
+        self._root: str | None = None
+        if self._replay is not None:
+            return
+        self.privilege = privilege_plan(worker_user)
+        # tmpfs when there is one: a per-call directory costs ~10 us there, ~160 us on disk.
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
+        self._root = tempfile.mkdtemp(prefix="failcore-", dir=shm)
+        os.chmod(self._root, 0o711)
+        self._minter = TokenMinter()
+        self._implicit_read = self._implicit_reads()
+        try:
+            self._zygote = Zygote(os.path.join(self._root, "zygote.log"))
+            self._pool = Pool(self._zygote, self._root, prespawn, self.privilege.uid)
+            self._watchdog = Watchdog(self._pool, watchdog_interval_s)
+        except BaseException:
+            self.close()
+            raise
+        self._finalizer = weakref.finalize(self, Session._finalize, self._pool, self._zygote,
+                                           self._watchdog, self._root)
+        atexit.register(self._finalizer)
+
+    # ----------------------------------------------------------------- lifecycle
+    @staticmethod
+    def _finalize(pool: Pool | None, zygote: Zygote | None, watchdog: Watchdog | None,
+                  root: str | None) -> None:
+        if watchdog is not None:
+            watchdog.stop()
+        if pool is not None:
+            pool.close()
+        if zygote is not None:
+            zygote.close()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop every worker (killing their trees), remove scratch space, close the trace."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        else:
+            Session._finalize(self._pool, self._zygote, self._watchdog, self._root)
+        self._trace.record("session.end", None, {"calls": self._calls})
+        self._trace.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- registration
+    def register(self, name: str, fn: Callable[..., Any],
+                 metadata: ToolMetadata | None = None) -> Callable[..., Any]:
+        """Register ``fn`` as tool ``name``; refuses metadata that breaks SPEC section 3."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise RegistrationError(
+                f"tool name {name!r} is invalid: use letters, digits, '_', '.', '-' (max 64), "
+                "starting with a letter or '_'")
+        if not callable(fn):
+            raise RegistrationError(f"{name}: {fn!r} is not callable")
+        metadata = metadata if metadata is not None else ToolMetadata()
+        if not isinstance(metadata, ToolMetadata):
+            raise RegistrationError(f"{name}: metadata must be a ToolMetadata, got {type(metadata).__name__}")
+        caps = parse_capabilities(metadata.capabilities)
+        self._check_invariants(name, metadata, caps)
+        models = build_models(name, fn, input_model=metadata.input_model,
+                              output_model=metadata.output_model, secret=metadata.secret,
+                              description=metadata.description)
+        grants = self.policy.grants(caps, metadata.default_policy)
+        granted, refused = self.policy.intersect(caps)
+        parts = ToolGrants.build(grants, metadata.limits.to_wire())
+        try:
+            blob = _by_value(fn)
+        except Exception as exc:
+            raise RegistrationError(f"{name}: the tool cannot be serialised for a worker: {exc}") from exc
+        env_names = tuple(str(c).split(":", 1)[1] for c in granted if str(c).startswith("env:"))
+        with self._lock:
+            if self._closed:
+                raise RegistrationError(f"{name}: the session is closed")
+            if name in self._tools:
+                raise RegistrationError(f"tool {name!r} is already registered")
+            self._tools[name] = _Tool(name, fn, metadata, caps, models, parts, blob, env_names)
+        self._trace.record("tool.register", None, {
+            "tool": name, "risk_level": metadata.risk_level.value,
+            "side_effects": sorted(e.value for e in metadata.side_effects),
+            "default_policy": DefaultPolicy(metadata.default_policy).value,
+            "capabilities": [str(c) for c in caps], "limits": metadata.limits.to_wire(),
+            "isolation": metadata.effective_isolation,
+        })
+        self._trace.record("policy.grants", None, {
+            "tool": name, "granted": [str(c) for c in granted],
+            "refused": [{"capability": getattr(v, "capability", ""), "rule": v.rule,
+                         "reason": v.reason, "action": v.action} for v in refused],
+        })
+        return fn
+
+    @staticmethod
+    def _check_invariants(name: str, md: ToolMetadata, caps: tuple[Capability, ...]) -> None:
+        policy = DefaultPolicy(md.default_policy)
+        if RiskLevel(md.risk_level) in (RiskLevel.HIGH, RiskLevel.CRITICAL) and policy is DefaultPolicy.ALLOW:
+            raise RegistrationError(
+                f"{name}: risk_level={md.risk_level.value} tools may not use "
+                "default_policy=ALLOW; use BLOCK (or WARN) and grant capabilities explicitly")
+        if md.effective_isolation not in ("tool", "call"):
+            raise RegistrationError(f"{name}: isolation must be 'tool' or 'call', got {md.isolation!r}")
+        declared = md.side_effects
+        covered = {SideEffect(c.side_effect) for c in caps}
+        for effect in sorted(declared - covered, key=lambda e: e.value):
+            raise RegistrationError(
+                f"{name}: declares side effect {effect.value} but no capability grants it; add "
+                f"e.g. {_EXAMPLE[effect]} or remove the side effect")
+        for cap in caps:
+            if SideEffect(cap.side_effect) not in declared:
+                raise RegistrationError(
+                    f"{name}: capability {cap} is outside the declared side effects "
+                    f"({', '.join(sorted(e.value for e in declared)) or 'NONE'}); declare "
+                    f"SideEffect.{SideEffect(cap.side_effect).value} or drop the capability")
+
+    def tool(self, name: str | None = None, *, metadata: ToolMetadata | None = None,
+             **fields: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator form of ``register``: ``@session.tool(metadata=...)`` or with fields."""
+        if metadata is not None and fields:
+            raise RegistrationError("pass either metadata=ToolMetadata(...) or its fields, not both")
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.register(name or fn.__name__, fn, metadata or ToolMetadata(**fields))
+            return fn
+
+        return decorate
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return tuple(self._tools)
+
+    def schemas(self, format: str = "json") -> Any:
+        """The tools' schemas in ``json``, ``openai``, ``anthropic`` or ``mcp`` form."""
+        from failcore._validation import tool_schemas
+
+        return tool_schemas([t.models for t in self._tools.values()], format)
+
+    # --------------------------------------------------------------------- calls
+    def call(self, name: str, /, **kwargs: Any) -> Any:
+        """Run tool ``name`` with keyword arguments; raises a FailCoreError subclass on failure."""
+        if self._closed:
+            raise FailCoreError("the session is closed")
+        tool = self._tools.get(name)
+        call_id = f"c{next(self._ids):06d}"
+        with self._lock:
+            self._calls += 1
+        if tool is None and self._replay is None:
+            known = ", ".join(sorted(self._tools)) or "none"
+            self._trace.record("call.start", call_id, {"tool": str(name)[:200], "args": {}})
+            err = InputValidationError(f"unknown tool {str(name)[:200]!r}; registered tools: {known}")
+            self._end(call_id, str(name)[:200], "invalid_input", None, err, time.monotonic())
+            raise err
+        if self._replay is not None:
+            return self._replay.answer(self._trace, call_id, name, tool, kwargs)
+        assert tool is not None
+        return self._run(tool, call_id, kwargs)
+
+    async def acall(self, name: str, /, **kwargs: Any) -> Any:
+        """Async twin of ``call``: runs it on the session's thread pool."""
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=64, thread_name_prefix="failcore-acall")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(self.call, name, **kwargs))
+
+    def _end(self, call_id: str, tool: str, status: str, result: Any, err: BaseException | None,
+             started: float) -> None:
+        self._trace.record("call.end", call_id, {
+            "tool": tool, "status": status, "result": result,
+            "error": None if err is None else {"type": type(err).__name__, "message": str(err)},
+            "duration_ms": round((time.monotonic() - started) * 1000, 3)})
+
+    def _run(self, tool: _Tool, call_id: str, kwargs: dict[str, Any]) -> Any:
+        started = time.monotonic()
+        trace = self._trace
+        models = tool.models
+        trace.record("call.start", call_id, {"tool": tool.name, "args": models.redact(kwargs)})
+        try:
+            args = models.validate_input(kwargs)
+        except InputValidationError as err:
+            trace.record("validate.input", call_id, {"ok": False, "errors": err.errors})
+            self._end(call_id, tool.name, "invalid_input", None, err, started)
+            raise
+        findings = self.policy.precheck(tool.parts.grants, args)
+        if findings:
+            trace.record("policy.precheck", call_id, {"findings": [
+                {"arg": arg, "action": v.action, "rule": v.rule, "reason": v.reason}
+                for arg, v in findings]})
+            blocked = [(arg, v) for arg, v in findings if v.action == "block"]
+            if blocked:
+                arg, verdict = blocked[0]
+                denied = SecurityError(
+                    f"{tool.name}: argument {arg!r} refused before dispatch: {verdict.reason} "
+                    f"[rule: {verdict.rule}]", rule=verdict.rule, target=arg, layer="precheck")
+                self._end(call_id, tool.name, "blocked", None, denied, started)
+                raise denied
+        limits = tool.limits
+        token, mac = self._minter.mint(call_id, tool.name, tool.parts, limits.timeout_s)
+        trace.record("token.mint", call_id, {"grants": tool.parts.grants.to_wire(),
+                                             "limits": tool.parts.limits, "ttl_s": limits.timeout_s})
+        outcome = self._dispatch(tool, call_id, token, mac, args)
+        for event in outcome.events:
+            if self.policy.warn_only and event.get("action") == "allow":
+                # Audit mode: the worker enforced only the tool's own grants; say what the
+                # policy would have refused.
+                verdict = self.policy.rejudge(cast(GuardEvent, event), tool.parts.grants)
+                if verdict.action != "allow":
+                    event = {**event, "action": "warn", "rule": verdict.rule, "reason": verdict.reason}
+            trace.record("guard", call_id, dict(event))
+        if outcome.error is not None:
+            if isinstance(outcome.error, ToolFailed):
+                _restore_source(outcome.error, tool.fn)
+            self._end(call_id, tool.name, outcome.status, None, outcome.error, started)
+            raise outcome.error
+        try:
+            value = models.validate_output(outcome.value)
+        except OutputValidationError as err:
+            trace.record("validate.output", call_id, {"ok": False, "errors": err.errors})
+            self._end(call_id, tool.name, "invalid_output", None, err, started)
+            raise
+        self._end(call_id, tool.name, "ok", models.output_to_json(value), None, started)
+        return value
+
+    def _dispatch(self, tool: _Tool, call_id: str, token: bytes, mac: str,
+                  args: dict[str, Any]) -> _dispatch.Outcome:
+        assert self._pool is not None
+        worker, fresh = self._acquire(tool)
+        messages: list[tuple[str, dict[str, Any]]] = []
+        if fresh:
+            messages.append(("init", self._init_body(tool, worker)))
+            self._trace.record("worker.spawn", call_id, {
+                "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})
+        messages.append(("call", {"token": token, "mac": mac, "args": args}))
+        self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(token) + 64,
+                                                 "worker": worker.name})
+        outcome = _dispatch.exchange(self._pool, worker, tool.name, messages,
+                                     tool.limits.timeout_s, tool.limits.output_bytes)
+        if outcome.recv_kind is not None:
+            self._trace.record("ipc.recv", call_id, {"type": outcome.recv_kind,
+                                                     "bytes": outcome.recv_bytes})
+        if worker.kill_reason is not None:
+            self._trace.record("worker.kill", call_id, {
+                "worker": worker.name, "reason": worker.kill_reason, "pid": worker.pid})
+        self._release(tool, worker, outcome.reuse)
+        return outcome
+
+    def _acquire(self, tool: _Tool) -> tuple[Worker, bool]:
+        assert self._pool is not None
+        if tool.isolation == "call":
+            return self._pool.take(), True
+        with tool.cond:
+            while not tool.free:
+                if tool.count < self._max_workers:
+                    tool.count += 1
+                    break
+                tool.cond.wait()
+            else:
+                return tool.free.pop(), False
+        try:
+            worker = self._pool.take()
+        except BaseException:
+            with tool.cond:
+                tool.count -= 1
+                tool.cond.notify()
+            raise
+        worker.tool = tool.name
+        worker.isolation = "tool"
+        return worker, True
+
+    def _release(self, tool: _Tool, worker: Worker, reuse: bool) -> None:
+        assert self._pool is not None
+        if tool.isolation == "call":
+            self._pool.retire(worker)
+            return
+        with tool.cond:
+            if reuse and not worker.dead and not self._closed:
+                tool.free.append(worker)
+            else:
+                tool.count -= 1
+                self._pool.retire(worker)
+            tool.cond.notify()
+
+    def _init_body(self, tool: _Tool, worker: Worker) -> dict[str, Any]:
+        env = dict(MINIMAL_ENV, HOME=worker.base_dir, TMPDIR=worker.base_dir)
+        for pattern in tool.env_names:
+            if pattern.endswith("*"):
+                env.update({k: v for k, v in os.environ.items() if k.startswith(pattern[:-1])})
+            elif pattern in os.environ:
+                env[pattern] = os.environ[pattern]
+        worker.extra["grants"] = tool.parts.grants
+        worker.extra["memory_mb"] = tool.limits.memory_mb
+        return {
+            "key": self._minter.key, "tool": tool.name, "grants_obj": tool.parts.grants,
+            "grants_bytes": tool.parts.grants_bytes, "limits": tool.parts.limits, "env": env,
+            "base_dir": worker.base_dir, "sys_path": [p for p in sys.path if p],
+            "isolation": tool.isolation, "uid": self.privilege.uid, "gid": self.privilege.gid,
+            "implicit_read": self._implicit_read, "tool_blob": tool.blob,
+        }
+
+    @staticmethod
+    def _implicit_reads() -> list[str]:
+        import sysconfig
+
+        paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
+        paths.update(p for p in sys.path if p)
+        paths.update(_SYSTEM_READ)
+        paths.add(os.path.dirname(os.path.abspath(protocol.__file__)))  # tracebacks read it
+        return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
+
+
+_EXAMPLE = {
+    SideEffect.NETWORK: "net:connect:api.example.com:443",
+    SideEffect.FILESYSTEM: "fs:read:/srv/data",
+    SideEffect.PROCESS: "proc:exec:/usr/bin/git",
+    SideEffect.ENVIRONMENT: "env:API_TOKEN",
+}
+
+
+_DYNAMIC_FRAME = re.compile(r'File "<dynamic-code>", line (\d+), in (\S+)\n')
+
+
+def _restore_source(err: ToolFailed, fn: Callable[..., Any]) -> None:
+    """Put the tool's file name and source lines back into a remote traceback.
+
+    Tools pickled by value arrive with ``<dynamic-code>`` as their file name; the parent
+    still knows where the code came from.
+    """
+    import linecache
+
+    code = getattr(fn, "__code__", None)
+    filename = code.co_filename if code is not None else None
+    if not filename or "<dynamic-code>" not in err.remote_traceback:
+        return
+
+    def fix(match: re.Match[str]) -> str:
+        line = linecache.getline(filename, int(match.group(1))).strip()
+        text = f'File "{filename}", line {match.group(1)}, in {match.group(2)}\n'
+        return text + (f"    {line}\n" if line else "")
+
+    err.remote_traceback = _DYNAMIC_FRAME.sub(fix, err.remote_traceback)

@@ -1,0 +1,78 @@
+"""Layer 4: an outside watchdog that kills a worker's tree on a violation the inner
+guards missed (a tool that reached libc through ctypes, or an extension module).
+
+It looks only at workers busy for longer than ``min_age_s``: a quick call is over before
+an outside observer could act, and polling every call would tax the hot path. It checks
+resident memory against ``memory_mb``, child processes when no ``proc:exec`` is granted,
+and open inet connections to a blocked special range or when no network is granted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+
+import psutil
+
+from failcore._workers import Pool, Worker
+from worker import rules
+
+
+def violation(worker: Worker, proc: psutil.Process) -> tuple[str, str] | None:
+    """(reason, detail) when the worker breaks its grants as seen from outside, else None."""
+    grants: rules.Grants | None = worker.extra.get("grants")
+    if grants is None:
+        return None
+    limit = int(worker.extra.get("memory_mb", 0)) * 1024 * 1024
+    rss = proc.memory_info().rss
+    if limit and rss > limit:
+        return "memory", f"resident memory {rss // (1024 * 1024)} MB > memory_mb={limit // (1024 * 1024)}"
+    if (not grants.exec or grants.deny_exec) and grants.default == "block":
+        children = proc.children(recursive=True)
+        if children:
+            return "exec", f"child process {children[0].pid} ({children[0].name()}) with no proc:exec granted"
+    for conn in proc.net_connections(kind="inet"):
+        if not conn.raddr:
+            continue
+        ip, port = conn.raddr.ip, conn.raddr.port
+        if not grants.net and grants.default == "block":
+            return "net", f"connection to {ip}:{port} with no net:connect granted"
+        if grants.block_ranges and rules.special_range(ipaddress.ip_address(ip)) is not None:
+            verdict = rules.check_connect(grants, ip, port)
+            if verdict.action == "block":
+                return "net", f"connection to {ip}:{port}: {verdict.reason} [rule: {verdict.rule}]"
+    return None
+
+
+class Watchdog:
+    def __init__(self, pool: Pool, interval_s: float, min_age_s: float = 0.02) -> None:
+        self._pool = pool
+        self._interval = interval_s
+        self._min_age = min_age_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="failcore-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            now = time.monotonic()
+
+            def busy(w: Worker, now: float = now) -> bool:
+                since = w.busy_since
+                return since is not None and now - since >= self._min_age and not w.dead
+
+            for worker in self._pool.busy_workers(busy):
+                try:
+                    proc = worker.extra.get("proc")
+                    if proc is None:
+                        proc = worker.extra["proc"] = psutil.Process(worker.pid)
+                    found = violation(worker, proc)
+                except (psutil.Error, ValueError):
+                    continue
+                if found is not None and worker.busy_since is not None:
+                    worker.kill(*found)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
