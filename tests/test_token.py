@@ -1,0 +1,105 @@
+"""Capability tokens: the worker refuses what does not verify, and rights only shrink."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from failcore import Session, SideEffect, ToolMetadata, _wire
+from failcore._token import ToolGrants
+from worker import protocol
+from worker.rules import FsRule, NetRule
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.fixture
+def warm(tmp_path) -> Iterator[tuple[Session, Any, Any]]:  # type: ignore[no-untyped-def]
+    (tmp_path / "a.txt").write_text("A")
+    with Session() as s:
+        s.register("read", read, ToolMetadata(
+            isolation="tool", side_effect=SideEffect.FILESYSTEM,
+            capabilities=[f"fs:read:{tmp_path}"]))
+        assert s.call("read", path=str(tmp_path / "a.txt")) == "A"
+        tool = s._tools["read"]
+        yield s, tool, tool.free[0]
+
+
+def _ask(worker: Any, token: bytes, mac: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    worker.send("call", {"token": token, "mac": mac, "args": args})
+    return _wire.decode(protocol.recv_frame(worker.chan))
+
+
+def test_bad_mac_is_refused(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s, tool, worker = warm
+    token, mac = s._minter.mint("x1", "read", tool.parts, 5)
+    kind, body = _ask(worker, token, "0" * 64, {"path": str(tmp_path / "a.txt")})
+    assert (kind, body["kind"]) == ("error", "token") and "MAC" in body["message"]
+
+
+def test_tampered_token_is_refused(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s, tool, worker = warm
+    token, mac = s._minter.mint("x2", "read", tool.parts, 5)
+    kind, body = _ask(worker, token.replace(b'"x2"', b'"x3"'), mac, {"path": str(tmp_path / "a.txt")})
+    assert body["kind"] == "token"
+
+
+def test_reused_call_id_expired_and_wrong_tool_are_refused(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s, tool, worker = warm
+    args = {"path": str(tmp_path / "a.txt")}
+    token, mac = s._minter.mint("x4", "read", tool.parts, 5)
+    assert _ask(worker, token, mac, args)[0] == "result"
+    kind, body = _ask(worker, token, mac, args)
+    assert body["kind"] == "token" and "already used" in body["message"]
+    token, mac = s._minter.mint("x5", "read", tool.parts, -10)
+    assert "expired" in _ask(worker, token, mac, args)[1]["message"]
+    token, mac = s._minter.mint("x6", "other", tool.parts, 5)
+    assert "is for tool" in _ask(worker, token, mac, args)[1]["message"]
+
+
+def test_wider_grants_are_refused_even_when_signed(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s, tool, worker = warm
+    wider = dataclasses.replace(
+        tool.parts.grants, fs=tool.parts.grants.fs + (FsRule("/etc", write=False),),
+        net=(NetRule("10.0.0.0/8", 0, 65535, "net:connect:10.0.0.0/8"),))
+    parts = ToolGrants.build(wider, tool.parts.limits)
+    token, mac = s._minter.mint("x7", "read", parts, 5)
+    kind, body = _ask(worker, token, mac, {"path": "/etc/hostname"})
+    assert body["kind"] == "token" and "rights only shrink" in body["message"]
+
+
+def test_narrower_grants_are_accepted_and_enforced(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s, tool, worker = warm
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("B")
+    narrower = dataclasses.replace(tool.parts.grants, fs=(FsRule(str(tmp_path / "sub"), write=False),))
+    parts = ToolGrants.build(narrower, tool.parts.limits)
+    token, mac = s._minter.mint("x8", "read", parts, 5)
+    kind, body = _ask(worker, token, mac, {"path": str(tmp_path / "sub" / "b.txt")})
+    assert (kind, body["value"]) == ("result", "B")
+    token, mac = s._minter.mint("x9", "read", parts, 5)
+    kind, body = _ask(worker, token, mac, {"path": str(tmp_path / "a.txt")})
+    assert body["kind"] == "denied", "the narrower token must be what the guards enforce"
+
+
+def test_token_and_key_in_trace(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from failcore._trace import read_trace
+
+    trace = tmp_path / "t.jsonl"
+    with Session(trace=str(trace)) as s:
+        s.register("read", read, ToolMetadata(side_effect=SideEffect.FILESYSTEM,
+                                              capabilities=[f"fs:read:{tmp_path}"]))
+        (tmp_path / "a.txt").write_text("A")
+        s.call("read", path=str(tmp_path / "a.txt"))
+        key = s._minter.key
+    raw = trace.read_bytes()
+    assert key.hex().encode() not in raw and key not in raw
+    mints = [r for r in read_trace(str(trace)) if r["kind"] == "token.mint"]
+    assert len(mints) == 1
+    assert mints[0]["body"]["grants"]["fs"][0]["path"] == str(tmp_path)
