@@ -120,6 +120,10 @@ def _lost(pool: Pool, worker: Worker, tool: str, deadline: float) -> Outcome:
     reason = worker.kill_reason
     worker.kill(reason or "crashed")
     status = pool.wait_status(worker, 2.0)
+    if reason == "processes":
+        return Outcome(status="resource", reuse=False, error=ResourceLimitExceeded(
+            f"{tool}: the watchdog killed the worker: {worker.kill_detail}; raise "
+            "Limits(processes=...) if the tool needs more"))
     if reason in ("memory",):
         return Outcome(status="resource", reuse=False, error=ResourceLimitExceeded(
             f"{tool}: the worker exceeded its memory limit and was killed ({worker.kill_detail})"))

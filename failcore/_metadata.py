@@ -42,7 +42,9 @@ class Limits:
     space (RLIMIT_AS) and the watchdog's RSS bound. ``cpu_s``: CPU seconds (RLIMIT_CPU,
     default: a little above the timeout). ``file_size_mb``: largest file the tool may
     write (RLIMIT_FSIZE). ``open_files``: RLIMIT_NOFILE. ``output_bytes``: largest
-    pickled result the parent will read.
+    pickled result the parent will read. ``processes``: most descendants the worker may
+    have at once (RLIMIT_NPROC for a non-root worker; the watchdog kills the tree above
+    it either way, since root ignores RLIMIT_NPROC).
     """
 
     timeout_s: float = 30.0
@@ -51,9 +53,11 @@ class Limits:
     file_size_mb: int = 64
     open_files: int = 256
     output_bytes: int = 16 * 1024 * 1024
+    processes: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "memory_mb", "file_size_mb", "open_files", "output_bytes"):
+        for name in ("timeout_s", "memory_mb", "file_size_mb", "open_files", "output_bytes",
+                     "processes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"Limits.{name} must be a positive number, got {value!r}")
@@ -75,6 +79,7 @@ class Limits:
             "file_size_mb": self.file_size_mb,
             "open_files": self.open_files,
             "output_bytes": self.output_bytes,
+            "processes": self.processes,
         }
 
 

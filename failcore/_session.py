@@ -437,6 +437,7 @@ class Session:
                 env[pattern] = os.environ[pattern]
         worker.extra["grants"] = tool.parts.grants
         worker.extra["memory_mb"] = tool.limits.memory_mb
+        worker.extra["processes"] = tool.limits.processes
         return {
             "key": self._minter.key, "tool": tool.name, "grants_obj": tool.parts.grants,
             "grants_bytes": tool.parts.grants_bytes, "limits": tool.parts.limits, "env": env,

@@ -57,6 +57,7 @@ class LimitsBody(_Strict):
     file_size_mb: int | float
     open_files: int | float
     output_bytes: int | float
+    processes: int | None = None
 
 
 class ErrorItem(_Strict):
@@ -75,9 +76,12 @@ class PrecheckFinding(_Strict):
 
 
 class RefusedCapability(_Strict):
+    """A declared capability the session refused ("block") or narrowed ("warn")."""
+
     capability: str
     rule: str
     reason: str
+    action: Literal["block", "warn"] = "block"
 
 
 class CallError(_Strict):

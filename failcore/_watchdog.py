@@ -4,7 +4,8 @@ guards missed (a tool that reached libc through ctypes, or an extension module).
 It looks only at workers busy for longer than ``min_age_s``: a quick call is over before
 an outside observer could act, and polling every call would tax the hot path. It checks
 resident memory against ``memory_mb``, child processes when no ``proc:exec`` is granted,
-and open inet connections to a blocked special range or when no network is granted.
+open inet connections to a blocked special range or when no network is granted, and the
+number of descendants against ``Limits.processes`` (root ignores RLIMIT_NPROC).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 import psutil
 
-from failcore._workers import Pool, Worker
+from failcore._workers import Pool, Worker, descendants
 from worker import rules
 
 
@@ -28,10 +29,12 @@ def violation(worker: Worker, proc: psutil.Process) -> tuple[str, str] | None:
     rss = proc.memory_info().rss
     if limit and rss > limit:
         return "memory", f"resident memory {rss // (1024 * 1024)} MB > memory_mb={limit // (1024 * 1024)}"
-    if (not grants.exec or grants.deny_exec) and grants.default == "block":
-        children = proc.children(recursive=True)
-        if children:
-            return "exec", f"child process {children[0].pid} ({children[0].name()}) with no proc:exec granted"
+    children = descendants(worker.pid)
+    if children and (not grants.exec or grants.deny_exec) and grants.default == "block":
+        return "exec", f"child process {children[0]} with no proc:exec granted"
+    most = int(worker.extra.get("processes", 0))
+    if most and len(children) > most:
+        return "processes", f"{len(children)} descendant processes > processes={most}"
     for conn in proc.net_connections(kind="inet"):
         if not conn.raddr:
             continue

@@ -102,6 +102,13 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
         os.setgroups([])
         os.setgid(int(body["gid"]))
         os.setuid(int(uid))
+    if os.getuid() != 0:
+        # Per uid, so it also counts the uid's other processes: a bound, not an exact count.
+        # Root ignores it; the parent's watchdog enforces `processes` for root workers.
+        nproc = len(os.listdir("/proc")) + int(state.limits.get("processes", 32))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        if hard == resource.RLIM_INFINITY or nproc < hard:
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     grants = state.grants
     implicit = tuple(body.get("implicit_read", ()))
     if implicit:
