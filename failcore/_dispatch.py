@@ -44,14 +44,14 @@ class Outcome:
     reuse: bool = True
 
 
-def exchange(pool: Pool, worker: Worker, tool: str, messages: list[tuple[str, dict[str, Any]]],
+def exchange(pool: Pool, worker: Worker, tool: str, frames: list[bytes],
              timeout_s: float, output_bytes: int) -> Outcome:
+    """Send the already-encoded ``frames`` and wait for one reply within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     worker.busy_since = time.monotonic()
     try:
         worker.chan.settimeout(timeout_s)
-        for kind, body in messages:
-            worker.send(kind, body)
+        worker.chan.sendall(b"".join(frames) if len(frames) > 1 else frames[0])
         payload = protocol.recv_frame(worker.chan, output_bytes + _ENVELOPE_BYTES)
     except TimeoutError:
         worker.kill("timeout")

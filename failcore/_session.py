@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import itertools
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -344,9 +345,19 @@ class Session:
                 raise denied
         limits = tool.limits
         token, mac = self._minter.mint(call_id, tool.name, tool.parts, limits.timeout_s)
-        trace.record("token.mint", call_id, {"grants": tool.parts.grants.to_wire(),
+        trace.record("token.mint", call_id, {"grants": tool.parts.grants_wire,
                                              "limits": tool.parts.limits, "ttl_s": limits.timeout_s})
-        outcome = self._dispatch(tool, call_id, token, mac, args)
+        # Encode before taking a worker: arguments that cannot cross the boundary are the
+        # caller's error, and no worker slot may be held while finding that out.
+        try:
+            call_frame = protocol.encode("call", {"token": token, "mac": mac, "args": args})
+        except (pickle.PicklingError, TypeError, AttributeError, RecursionError, ValueError) as exc:
+            unsendable = InputValidationError(
+                f"{tool.name}: the arguments cannot be sent to a worker: "
+                f"{type(exc).__name__}: {exc}; pass plain data (str, numbers, lists, dicts, models)")
+            self._end(call_id, tool.name, "invalid_input", None, unsendable, started)
+            raise unsendable from None
+        outcome = self._dispatch(tool, call_id, call_frame)
         for event in outcome.events:
             if self.policy.warn_only and event.get("action") == "allow":
                 # Audit mode: the worker enforced only the tool's own grants; say what the
@@ -369,27 +380,29 @@ class Session:
         self._end(call_id, tool.name, "ok", models.output_to_json(value), None, started)
         return value
 
-    def _dispatch(self, tool: _Tool, call_id: str, token: bytes, mac: str,
-                  args: dict[str, Any]) -> _dispatch.Outcome:
+    def _dispatch(self, tool: _Tool, call_id: str, call_frame: bytes) -> _dispatch.Outcome:
         assert self._pool is not None
         worker, fresh = self._acquire(tool)
-        messages: list[tuple[str, dict[str, Any]]] = []
-        if fresh:
-            messages.append(("init", self._init_body(tool, worker)))
-            self._trace.record("worker.spawn", call_id, {
-                "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})
-        messages.append(("call", {"token": token, "mac": mac, "args": args}))
-        self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(token) + 64,
-                                                 "worker": worker.name})
-        outcome = _dispatch.exchange(self._pool, worker, tool.name, messages,
-                                     tool.limits.timeout_s, tool.limits.output_bytes)
-        if outcome.recv_kind is not None:
-            self._trace.record("ipc.recv", call_id, {"type": outcome.recv_kind,
-                                                     "bytes": outcome.recv_bytes})
-        if worker.kill_reason is not None:
-            self._trace.record("worker.kill", call_id, {
-                "worker": worker.name, "reason": worker.kill_reason, "pid": worker.pid})
-        self._release(tool, worker, outcome.reuse)
+        reuse = False
+        try:
+            frames = [call_frame]
+            if fresh:
+                frames.insert(0, protocol.encode("init", self._init_body(tool, worker)))
+                self._trace.record("worker.spawn", call_id, {
+                    "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})
+            self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(call_frame),
+                                                     "worker": worker.name})
+            outcome = _dispatch.exchange(self._pool, worker, tool.name, frames,
+                                         tool.limits.timeout_s, tool.limits.output_bytes)
+            reuse = outcome.reuse
+            if outcome.recv_kind is not None:
+                self._trace.record("ipc.recv", call_id, {"type": outcome.recv_kind,
+                                                         "bytes": outcome.recv_bytes})
+            if worker.kill_reason is not None:
+                self._trace.record("worker.kill", call_id, {
+                    "worker": worker.name, "reason": worker.kill_reason, "pid": worker.pid})
+        finally:
+            self._release(tool, worker, reuse)
         return outcome
 
     def _acquire(self, tool: _Tool) -> tuple[Worker, bool]:
@@ -450,8 +463,13 @@ class Session:
     def _implicit_reads() -> list[str]:
         import sysconfig
 
-        paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
-        paths.update(p for p in sys.path if p)
+        # The interpreter's own trees only: other sys.path entries (the script's directory,
+        # the cwd under -m, a project checkout) may hold anything, ~/.ssh included.
+        trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
+        trees = {os.path.realpath(p) for p in trees if p}
+        paths = set(trees)
+        paths.update(p for p in map(os.path.realpath, filter(None, sys.path))
+                     if any(p == t or p.startswith(t + os.sep) for t in trees))
         paths.update(_SYSTEM_READ)
         paths.add(os.path.dirname(os.path.abspath(protocol.__file__)))  # tracebacks read it
         return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))

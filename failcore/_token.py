@@ -30,12 +30,15 @@ class ToolGrants:
     limits: dict[str, object]
     grants_bytes: bytes
     tail: bytes
+    grants_wire: dict[str, object]
 
     @classmethod
     def build(cls, grants: Grants, limits: dict[str, object]) -> ToolGrants:
-        grants_bytes = protocol.canonical_json(grants.to_wire())
+        wire = grants.to_wire()
+        grants_bytes = protocol.canonical_json(wire)
         tail = b"\n" + grants_bytes + b"\n" + protocol.canonical_json(limits)
-        return cls(grants=grants, limits=limits, grants_bytes=grants_bytes, tail=tail)
+        return cls(grants=grants, limits=limits, grants_bytes=grants_bytes, tail=tail,
+                   grants_wire=wire)
 
 
 class TokenMinter:

@@ -19,7 +19,9 @@ explicit ``input_model``/``output_model`` classes validate under their own ``mod
 
 from __future__ import annotations
 
+import base64
 import inspect
+import math
 import reprlib
 import types
 import typing
@@ -38,6 +40,7 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import from_json, to_json
 
 from failcore._errors import InputValidationError, OutputValidationError, RegistrationError
+from failcore._trace_encoding import clean_str
 from failcore._schema import (
     FORMATS,
     Secret,
@@ -230,13 +233,47 @@ def _leaks(msg: str, value: object) -> bool:
     return bool(text) and text in msg
 
 
+_MAX_JSON_DEPTH = 64
+
+
 def to_jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data; never raises (the trace must always be writable)."""
+    """``value`` as plain JSON data; never raises (the trace must always be writable).
+
+    The fast path is pydantic's serializer. When it refuses (lone surrogates, nesting past
+    its recursion limit, odd objects), the value is converted piece by piece so that one
+    bad element never turns a whole argument dict into a string, and nesting is cut at
+    ``_MAX_JSON_DEPTH`` levels instead of exhausting the stack.
+    """
     try:
         return from_json(to_json(value, fallback=repr, bytes_mode="base64", inf_nan_mode="strings",
                                  serialize_unknown=True))
     except Exception:
-        return repr(value)
+        return _piecewise(value, 0)
+
+
+def _piecewise(value: Any, depth: int) -> Any:
+    if depth >= _MAX_JSON_DEPTH:
+        return "<nested too deeply>"
+    if isinstance(value, str):
+        return clean_str(value)
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {clean_str(str(k)): _piecewise(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_piecewise(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(bytes(value)).decode()
+    try:
+        return from_json(to_json(value, fallback=repr, bytes_mode="base64",
+                                 inf_nan_mode="strings", serialize_unknown=True))
+    except Exception:
+        try:
+            return clean_str(repr(value))[:1000]
+        except Exception:  # RecursionError, a failing __repr__
+            return f"<unrepresentable {type(value).__name__}>"
 
 
 # -- registration ----------------------------------------------------------------------------

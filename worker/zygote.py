@@ -51,6 +51,13 @@ def _child(ctl: socket.socket, chan_fd: int) -> None:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        # stdin/stdout/stderr: /dev/null. Sharing the zygote's log would let one tool that
+        # prints forever push the shared offset past RLIMIT_FSIZE for every later worker.
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if null > 2:
+            os.close(null)
         os.closerange(3, chan_fd)
         os.closerange(chan_fd + 1, 65536)
         chan = socket.socket(fileno=chan_fd)
