@@ -40,7 +40,6 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import from_json, to_json
 
 from failcore._errors import InputValidationError, OutputValidationError, RegistrationError
-from failcore._trace_encoding import clean_str
 from failcore._schema import (
     FORMATS,
     Secret,
@@ -50,6 +49,7 @@ from failcore._schema import (
     tool_schemas,
     type_name,
 )
+from failcore._trace_encoding import clean_str
 
 __all__ = ["FORMATS", "REDACTED", "Secret", "ToolModels", "build_models", "tighten", "tool_schemas"]
 
