@@ -2,23 +2,50 @@
 
 The parent's pre-check (layer 1) and the worker's guards (layer 3) judge with the
 same code, so a URL refused before dispatch is refused for the same reason at
-connect time. Nothing here does I/O except ``os.path.realpath`` in ``check_path``.
-Standard library only.
+connect time. Nothing here does I/O except resolving paths (``os.path.realpath`` in
+``check_path``, a PATH lookup in ``check_exec``); never DNS. Standard library only.
+IP parsing and range tables live in ``_addresses``, the wire format and subset order in
+``_grants_wire``.
 
 INTERFACE CONTRACT (other modules code against these names; keep them stable):
   Verdict, NetRule, FsRule, Grants, GuardEvent
   parse_ip, special_range, check_connect, check_host, check_path, check_exec, env_allowed
+  (helpers for the guards: check_resolved_path, real_path, RULE_IMPLICIT_READ, RULE_SCRATCH)
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+import shutil
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal, TypedDict
+from urllib.parse import unquote
+
+from worker import _grants_wire
+from worker._addresses import TRANSLATED, embedded_v4, parse_ip, special_range
+
+__all__ = [
+    "Action", "IPAddress", "Verdict", "NetRule", "FsRule", "Grants", "GuardEvent",
+    "parse_ip", "special_range", "check_connect", "check_host", "check_path",
+    "check_resolved_path", "real_path", "check_exec", "env_allowed", "RULE_IMPLICIT_READ",
+    "RULE_SCRATCH",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Action = Literal["allow", "warn", "block"]
+
+# Rules of the verdicts for the worker's own, routine file access; the guards leave
+# these out of the trace so it shows what the tool did, not what the import system did.
+RULE_IMPLICIT_READ = "implicit read"
+RULE_SCRATCH = "scratch dir"
+
+_RANK = {"block": 0, "warn": 1, "allow": 2}
 
 
 @dataclass(frozen=True)
@@ -77,15 +104,31 @@ class Grants:
 
     def to_wire(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict (used in tokens and the trace)."""
-        raise NotImplementedError
+        return {
+            "net": [{"host": r.host, "port_lo": r.port_lo, "port_hi": r.port_hi,
+                     "source": r.source} for r in self.net],
+            "fs": [{"path": r.path, "write": r.write, "source": r.source} for r in self.fs],
+            "exec": list(self.exec),
+            "env": list(self.env),
+            "default": self.default,
+            "block_ranges": self.block_ranges,
+            "fs_root": self.fs_root,
+            "deny_exec": self.deny_exec,
+            "implicit_read": list(self.implicit_read),
+        }
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Grants:
-        raise NotImplementedError
+        """The inverse of ``to_wire``. Raises ValueError on anything malformed or unknown:
+        grants decide what a worker may do, so nothing is guessed."""
+        return cls(**_grants_wire.grants_fields(data))
 
     def is_subset_of(self, other: Grants) -> bool:
-        """True when every right in ``self`` is also in ``other`` (rights only shrink)."""
-        raise NotImplementedError
+        """True when every right in ``self`` is also in ``other`` (rights only shrink).
+
+        ``implicit_read`` is not compared: the worker fills it in itself.
+        """
+        return _grants_wire.is_subset(self, other)
 
 
 class GuardEvent(TypedDict, total=False):
@@ -107,36 +150,286 @@ class GuardEvent(TypedDict, total=False):
     reason: str
 
 
-def parse_ip(text: str) -> IPAddress | None:
-    """Parse ``text`` as an IP address in any form a resolver or a URL parser accepts."""
-    raise NotImplementedError
 
 
-def special_range(ip: IPAddress) -> tuple[str, str] | None:
-    """(cidr, label) of the special range ``ip`` falls in, looking through embedded IPv4."""
-    raise NotImplementedError
+# --- network -------------------------------------------------------------------------
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+_INTERNAL_NAMES = _LOOPBACK_NAMES | {
+    "metadata", "metadata.google.internal", "instance-data", "localtest.me", "lvh.me",
+}
+# Names that only resolve inside a network, or to whatever address they spell
+# (wildcard DNS services used to smuggle internal addresses past name filters).
+_INTERNAL_SUFFIXES = (
+    ".localhost", ".internal", ".local", ".localdomain", ".home.arpa", ".in-addr.arpa",
+    ".ip6.arpa", ".nip.io", ".sslip.io", ".xip.io", ".localtest.me", ".lvh.me",
+)
+# WHATWG: a host whose last label is a number is an IPv4 address or an error.
+_ENDS_NUMERIC = re.compile(r"(?:^|\.)(?:0x[0-9a-f]*|[0-9]+)\Z")
+_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+_LOOPBACKS = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+
+
+@lru_cache(maxsize=1024)
+def _rule_target(host: str) -> tuple[str, tuple[Network, ...], str]:
+    """(kind, networks, name) for a NetRule host; kind is any, net, suffix or name."""
+    h = host.strip().lower().replace("[", "").replace("]", "").rstrip(".")
+    if h == "*":
+        return "any", (), ""
+    if h.startswith("*."):
+        return "suffix", (), h[1:]
+    net: Network | None = None
+    if "/" in h:
+        try:
+            net = ipaddress.ip_network(h, strict=False)
+        except ValueError:
+            return "name", (), h  # matches nothing a resolver returns
+    else:
+        ip = parse_ip(h)
+        if ip is not None:
+            net = ipaddress.ip_network(ip)
+    if net is None:
+        return "name", (), h
+    nets: tuple[Network, ...] = (net,)
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 \
+            and int(net.network_address) >> 32 == 0xFFFF:
+        v4 = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+        nets += (v4,)
+    return "net", nets, ""
+
+
+def _candidates(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """``ip`` plus the IPv4 host it reaches when it is a translated IPv6 form."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = embedded_v4(ip)
+        if inner is not None and inner[0] in TRANSLATED:
+            return ip, inner[2]
+    return (ip,)
+
+
+def _covers_ip(rule: NetRule, cands: Sequence[IPAddress]) -> bool:
+    """An IP/CIDR rule containing one of ``cands``, or "localhost" and a loopback one."""
+    kind, nets, name = _rule_target(rule.host)
+    if kind == "net":
+        return any(c.version == n.version and c in n for c in cands for n in nets)
+    return name == "localhost" and any(c.is_loopback for c in cands)
+
+
+def _covers_name(rule: NetRule, names: Sequence[str]) -> bool:
+    kind, _, name = _rule_target(rule.host)
+    if kind == "any":
+        return True
+    if kind == "suffix":
+        return any(n.endswith(name) for n in names)
+    return kind == "name" and name in names
+
+
+def _in_ports(rule: NetRule, port: int) -> bool:
+    return rule.port_lo <= port <= rule.port_hi
+
+
+def _cap_host(ip: IPAddress | str) -> str:
+    return f"[{ip}]" if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+
+
+def _allow(rule: NetRule, what: str) -> Verdict:
+    source = rule.source or f"net:connect:{rule.host}:{rule.port_lo}-{rule.port_hi}"
+    return Verdict("allow", f"capability {source}", f"{what} is covered by {source}")
+
+
+def _default(grants: Grants, what: str, add: str) -> Verdict:
+    if grants.default == "allow":
+        return Verdict("allow", "default_policy=ALLOW", f"{what}; allowed by the tool's default")
+    rule = "default_policy=BLOCK" if grants.default == "block" else "default_policy=WARN"
+    return Verdict(grants.default, rule, f"{what}; add {add}")
 
 
 def check_connect(grants: Grants, ip: str, port: int, names: Sequence[str] = ()) -> Verdict:
-    """Judge a connection to the resolved address ``ip``:``port``."""
-    raise NotImplementedError
+    """Judge a connection to the resolved address ``ip``:``port``.
+
+    ``names`` are the host names that resolved to ``ip`` in this process; a connect to
+    an address nobody resolved gets none, so name capabilities cannot cover it. With
+    ``block_ranges`` a special address needs a capability naming it by IP or CIDR
+    (or "localhost" for loopback): a name resolving there is exactly the DNS trick
+    net_safe exists to stop.
+    """
+    addr = parse_ip(ip)
+    if addr is None:
+        return Verdict("block", "net: invalid address",
+                       f"{ip!r} is not an IP address; connections are judged on resolved addresses")
+    cands = _candidates(addr)
+    target = f"{_cap_host(addr)}:{port}"
+    for rule in grants.net:
+        if _in_ports(rule, port) and _covers_ip(rule, cands):
+            return _allow(rule, target)
+    special = special_range(addr) if grants.block_ranges else None
+    if special is not None:
+        cidr, label = special
+        return Verdict(
+            "block", f"net_safe: {cidr} ({label})",
+            f"{target} is in {cidr} ({label}), which net_safe blocks whatever name led "
+            f"there; to allow it, grant the address itself: add net:connect:{_cap_host(addr)}:{port}")
+    clean = [n.lower().rstrip(".") for n in names]
+    for rule in grants.net:
+        if _in_ports(rule, port) and _covers_name(rule, clean):
+            return _allow(rule, f"{target} ({', '.join(clean)})")
+    shown = f"names {', '.join(clean)}" if clean else "no name resolved to it in this worker"
+    return _default(grants, f"no capability covers {target} ({shown})",
+                    f"net:connect:{clean[0] if clean else _cap_host(addr)}:{port}")
+
+
+def _normalise_host(host: str) -> str:
+    h = host
+    for _ in range(4):  # bounded: percent-encoding may be nested
+        decoded = unquote(h)
+        if decoded == h:
+            break
+        h = decoded
+    h = unicodedata.normalize("NFKC", h).translate(_DOTS).strip().lower()
+    h = h.rpartition("@")[2]
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    return h.rstrip(".")
 
 
 def check_host(grants: Grants, host: str, port: int) -> Verdict:
-    """Layer 1: judge a host as written in a URL (before DNS)."""
-    raise NotImplementedError
+    """Layer 1: judge a host as written in a URL (before DNS).
+
+    The host is percent-decoded, NFKC-normalised (fullwidth digits and dots are what
+    IDNA turns them into), lowercased and stripped of brackets and trailing dots; an
+    address in any encoding is judged like a connect to it. Names are judged by the
+    capabilities only: DNS is never consulted here, the worker judges what they
+    resolve to.
+    """
+    h = _normalise_host(host)
+    ip = parse_ip(h)
+    if ip is not None:
+        return check_connect(grants, str(ip), port)
+    if not h:
+        return Verdict("block", "net: invalid host", f"{host!r} names no host")
+    hp = f"{h}:{port}"
+    loopback = h in _LOOPBACK_NAMES or h.endswith(".localhost")
+    if loopback:  # deterministic: /etc/hosts, so a loopback grant by IP covers it
+        for rule in grants.net:
+            if _in_ports(rule, port) and _covers_ip(rule, _LOOPBACKS):
+                return _allow(rule, hp)
+    exact = [r for r in grants.net if _in_ports(r, port) and _rule_target(r.host) == ("name", (), h)]
+    if exact:
+        return _allow(exact[0], hp)
+    if grants.block_ranges:
+        if ":" in h or _ENDS_NUMERIC.search(h):
+            return Verdict("block", "net_safe: malformed address",
+                           f"{host!r} looks like an IP address but is not a valid one; "
+                           "resolvers and URL parsers disagree on such hosts, so net_safe refuses it")
+        if h in _INTERNAL_NAMES or h.endswith(_INTERNAL_SUFFIXES):
+            return Verdict("block", f"net_safe: internal name {h}",
+                           f"{h} resolves to internal or arbitrary addresses; to allow it, name it "
+                           f"exactly: add net:connect:{h}:{port}")
+    for rule in grants.net:
+        if _in_ports(rule, port) and _covers_name(rule, (h,)):
+            return _allow(rule, hp)
+    return _default(grants, f"no capability covers {hp}", f"net:connect:{h}:{port}")
 
 
-def check_path(grants: Grants, path: str, write: bool, cwd: str | None = None) -> Verdict:
-    """Judge access to ``path`` on its realpath."""
-    raise NotImplementedError
+# --- files ---------------------------------------------------------------------------
+
+# Grant paths are resolved once per process and pinned: the worker warms this cache
+# before tool code runs, so a symlink planted later at a granted path cannot widen it.
+_resolve_base = lru_cache(maxsize=2048)(os.path.realpath)
+
+
+def _under(path: str, base: str) -> bool:
+    return path == base or path.startswith(base if base.endswith("/") else base + "/")
+
+
+def real_path(path: str, cwd: str | None = None, follow_symlinks: bool = True) -> str | None:
+    """The path the kernel would act on (None if malformed). With ``follow_symlinks``
+    False the last component is kept as is (unlink, rename and friends act on a link)."""
+    if not path or "\0" in path:
+        return None
+    joined = path if os.path.isabs(path) else os.path.join(cwd or os.getcwd(), path)
+    if follow_symlinks or joined.endswith("/"):
+        return os.path.realpath(joined)
+    head, tail = os.path.split(joined)
+    if tail in (".", ".."):
+        return os.path.realpath(joined)
+    return os.path.join(os.path.realpath(head), tail)
+
+
+def check_path(grants: Grants, path: str, write: bool, cwd: str | None = None,
+               *, follow_symlinks: bool = True) -> Verdict:
+    """Judge access to ``path`` on its realpath.
+
+    Relative paths are joined to ``cwd`` (the per-call scratch dir, read+write) or the
+    process's working directory. Symlinks, dangling ones included, are resolved as far
+    as they exist, so a link out of a granted tree is judged where it points.
+    """
+    real = real_path(path, cwd, follow_symlinks)
+    if real is None:
+        return Verdict("block", "fs: invalid path", f"{path!r} is empty or contains a NUL byte")
+    return check_resolved_path(grants, real, write, (cwd,) if cwd else (), shown=path)
+
+
+def check_resolved_path(grants: Grants, real: str, write: bool,
+                        scratch: Sequence[str] = (), shown: str = "") -> Verdict:
+    """``check_path`` for a path already resolved, with any number of scratch dirs."""
+    if not write and any(_under(real, _resolve_base(d)) for d in grants.implicit_read):
+        return Verdict("allow", RULE_IMPLICIT_READ, f"{real} is in a directory every worker reads")
+    if any(_under(real, _resolve_base(d)) for d in scratch):
+        return Verdict("allow", RULE_SCRATCH, f"{real} is in this call's scratch directory")
+    verb, cap = ("writing", "write") if write else ("reading", "read")
+    what = real if not shown or shown == real else f"{real} (from {shown})"
+    if grants.fs_root is not None and not _under(real, _resolve_base(grants.fs_root)):
+        return Verdict("block", f"fs_safe: outside {grants.fs_root}",
+                       f"{verb} {what} is outside the fs_safe root {grants.fs_root}; "
+                       "move it under the root or widen fs_safe(root=...)")
+    read_only: FsRule | None = None
+    for rule in grants.fs:
+        if _under(real, _resolve_base(rule.path)):
+            if rule.write or not write:
+                source = rule.source or f"fs:{'write' if rule.write else 'read'}:{rule.path}"
+                return Verdict("allow", f"capability {source}", f"{verb} {what} is covered by {source}")
+            read_only = rule
+    if read_only is not None:
+        return _default(grants, f"{read_only.source or 'fs:read:' + read_only.path} does not grant "
+                        f"writing {what}", f"fs:write:{real}")
+    return _default(grants, f"no capability covers {verb} {what}",
+                    f"fs:{cap}:{real} (or a directory above it)")
+
+
+# --- processes and environment -----------------------------------------------------------
+
+
+def _resolve_program(program: str) -> str | None:
+    if "/" not in program:
+        found = shutil.which(program)
+        if found is None:
+            return None
+        program = found
+    return os.path.realpath(program)
 
 
 def check_exec(grants: Grants, program: str) -> Verdict:
-    """Judge running ``program`` as a subprocess."""
-    raise NotImplementedError
+    """Judge running ``program`` as a subprocess.
+
+    A bare name is looked up on PATH; both sides are compared on their realpath, so a
+    symlink to a granted binary is that binary and a same-named file elsewhere is not.
+    """
+    if grants.deny_exec:
+        return Verdict("block", "strict: exec denied",
+                       f"running {program!r} is refused: strict() denies every subprocess")
+    resolved = _resolve_program(program) if program else None
+    for granted in grants.exec:
+        same = ("/" not in program and program == granted) or (
+            resolved is not None and resolved == _resolve_program(granted))
+        if same:
+            return Verdict("allow", f"capability proc:exec:{granted}",
+                           f"{program} is covered by proc:exec:{granted}")
+    shown = program if resolved in (None, program) else f"{program} ({resolved})"
+    return _default(grants, f"no capability covers running {shown}",
+                    f"proc:exec:{resolved or program}")
 
 
 def env_allowed(grants: Grants, name: str) -> bool:
     """True when the variable ``name`` is granted (``env:NAME`` or ``env:PREFIX_*``)."""
-    raise NotImplementedError
+    return any(name.startswith(g[:-1]) if g.endswith("*") else name == g for g in grants.env)

@@ -1,0 +1,188 @@
+"""The guards' state and judging, shared by the audit hook and the wrapped functions.
+
+Private to ``worker.guards``. Everything here runs inside the audit hook, so it imports
+nothing at call time and keeps the common case (a stdlib import reading its own files)
+to a string prefix test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import socket
+import threading
+from typing import Any
+
+from worker import rules
+from worker._guard_names import NameBook
+from worker.rules import Grants, GuardEvent, Verdict
+
+MAX_EVENTS = 10_000
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+_QUIET = frozenset({rules.RULE_IMPLICIT_READ, rules.RULE_SCRATCH})
+orig_getaddrinfo = socket.getaddrinfo
+
+
+class GuardDenied(PermissionError):
+    """An operation inside the tool was blocked. ``verdict`` names the rule and the fix."""
+
+    def __init__(self, verdict: Verdict, message: str) -> None:
+        super().__init__(errno.EACCES, message)
+        self.verdict = verdict
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return GuardDenied, (self.verdict, self.message)
+
+
+class Local(threading.local):
+    busy = False  # inside the hook: its own file and DNS work is not judged again
+    skip_open: object = None  # the path object os.open already judged (dir_fd case)
+    in_popen = False  # subprocess.Popen was judged; its fork_exec is not recorded twice
+
+
+@dataclasses.dataclass
+class State:
+    installed: bool = False
+    base: Grants = dataclasses.field(default_factory=Grants)
+    grants: Grants = dataclasses.field(default_factory=Grants)
+    base_dir: str = ""
+    scratch: tuple[str, ...] = ()
+    fast_read: tuple[str, ...] = ()
+    events: list[GuardEvent] = dataclasses.field(default_factory=list)
+    dropped: int = 0
+    names: NameBook = dataclasses.field(default_factory=NameBook)
+
+
+state = State()
+local = Local()
+
+
+def decide(verdict: Verdict, event: GuardEvent, quiet: bool = False) -> None:
+    if not quiet:
+        if len(state.events) < MAX_EVENTS:
+            event["action"], event["rule"], event["reason"] = (
+                verdict.action, verdict.rule, verdict.reason)
+            state.events.append(event)
+        else:
+            state.dropped += 1
+    if verdict.action == "block":
+        raise GuardDenied(verdict, f"FailCore blocked {event.get('op')} {event.get('target')}: "
+                                   f"{verdict.rule}: {verdict.reason}")
+
+
+def default(what: str, add: str) -> Verdict:
+    g = state.grants
+    rule = f"default_policy={g.default.upper()}"
+    return Verdict(g.default, rule, what if g.default == "allow" else f"{what}; add {add}")
+
+
+def _fd_path(fd: int) -> str | None:
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return target if target.startswith("/") else None
+
+
+def path_of(path: Any, dir_fd: Any = None) -> str | None:
+    """The path an audited call acts on, or None when it names no file (a socket fd)."""
+    if isinstance(path, int):
+        return _fd_path(path)
+    if path is None:
+        path = "."
+    text = os.fsdecode(os.fspath(path))
+    if isinstance(dir_fd, int) and dir_fd >= 0 and not text.startswith("/"):
+        base = _fd_path(dir_fd)
+        return os.path.join(base, text) if base is not None else "\0"
+    return text
+
+
+def judge_path(op: str, path: str | None, write: bool, follow: bool = True) -> None:
+    if path is None:
+        return
+    if not write and path.startswith(state.fast_read) and "/./" not in path \
+            and "/../" not in path and not path.endswith(("/.", "/..")):
+        # Implicit read, textually: a file inside the interpreter's trees. Only prefixes
+        # no grant can write to are used (guards._activate), so no tool planted a link.
+        return
+    real = rules.real_path(path, None, follow)
+    if real is None:
+        verdict = Verdict("block", "fs: invalid path", f"{path!r} is not a usable path")
+        decide(verdict, {"op": op, "target": path, "path": path, "write": write})
+        return
+    verdict = rules.check_resolved_path(state.grants, real, write, state.scratch, shown=path)
+    decide(verdict, {"op": op, "target": real, "path": real, "write": write},
+            quiet=verdict.rule in _QUIET)
+
+
+def judge_exec(program: Any, target: str = "") -> None:
+    name = os.fsdecode(os.fspath(program))
+    verdict = rules.check_exec(state.grants, name)
+    decide(verdict, {"op": "proc.exec", "target": target or name, "program": name})
+
+
+def judge_address(sock: Any, address: Any, op: str) -> None:
+    family = getattr(sock, "family", None)
+    if family in (socket.AF_INET, socket.AF_INET6):
+        host, port = address[0], int(address[1])
+        host = os.fsdecode(host) if isinstance(host, bytes) else str(host)
+        literal = {"": "0.0.0.0", "<broadcast>": "255.255.255.255"}.get(host, host)
+        ip = rules.parse_ip(literal)
+        if ip is not None:
+            _judge_ip(op, str(ip), port, host)
+            return
+        # Python resolved the name itself before this event (the socket class wrapper in
+        # guards judged the name first); judge every address it may have picked (a
+        # resolver that answers differently next time is a known TOCTOU gap).
+        judge_resolve(host, port)
+        for *_, sockaddr in orig_getaddrinfo(host, port, family, socket.SOCK_STREAM):
+            _judge_ip(op, str(rules.parse_ip(str(sockaddr[0]))), port, host, (host,))
+        return
+    if family == socket.AF_UNIX:
+        path = os.fsdecode(address) if isinstance(address, (str, bytes)) else ""
+        if path.startswith("\0") or not path:
+            target = f"unix:@{path[1:]}"
+            decide(default(f"no capability covers the abstract socket {target}",
+                             "a default_policy that allows it"), {"op": op, "target": target})
+            return
+        judge_path("fs.open", path, write=True)
+        return
+    target = f"family {family} {address!r}"[:200]
+    decide(default(f"no capability covers a {target} socket", "a default_policy that allows it"),
+            {"op": op, "target": target})
+
+
+def _judge_ip(op: str, ip: str, port: int, shown: str, names: tuple[str, ...] = ()) -> None:
+    known = names or state.names.get(ip)
+    verdict = rules.check_connect(state.grants, ip, port, known)
+    target = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    decide(verdict, {"op": op, "target": target, "host": ip, "port": port, "names": list(known)})
+
+
+def judge_resolve(host: Any, port: Any) -> None:
+    if host is None:
+        return
+    name = os.fsdecode(host) if isinstance(host, bytes) else str(host)
+    number = port if isinstance(port, int) else int(port) if str(port).isdigit() else 0
+    grants = state.grants
+    if rules.parse_ip(name) is not None:
+        # Resolving a literal is a no-op; stop it early only where its connect must fail.
+        verdict = rules.check_host(grants, name, number)
+        if verdict.action == "block" and verdict.rule.startswith("net_safe"):
+            decide(verdict, {"op": "net.resolve", "target": name, "host": name, "port": number})
+        return
+    if not grants.net and grants.default == "block":
+        verdict = Verdict("block", "default_policy=BLOCK",
+                          f"this tool has no net capability, so DNS lookups (a data channel of "
+                          f"their own) are refused; add net:connect:{name}")
+    else:
+        verdict = rules.check_host(grants, name, number)
+        if not (verdict.action == "block" and verdict.rule.startswith("net_safe")):
+            verdict = Verdict("allow", "resolve: judged at connect",
+                              "names are judged on the addresses they resolve to")
+    decide(verdict, {"op": "net.resolve", "target": name, "host": name, "port": number})
