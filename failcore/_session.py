@@ -146,6 +146,12 @@ class Session:
         os.chmod(self._root, 0o711)
         self._minter = TokenMinter()
         self._implicit_read = self._implicit_reads()
+        # Only entries the worker may read: an import that misses would otherwise list a
+        # directory the guards refuse (and fail the call) even when the tool expects it.
+        self._worker_sys_path = [
+            p for p in sys.path if p and any(
+                os.path.realpath(p) == r or os.path.realpath(p).startswith(r + os.sep)
+                for r in self._implicit_read)]
         try:
             self._zygote = Zygote(os.path.join(self._root, "zygote.log"))
             self._pool = Pool(self._zygote, self._root, prespawn, self.privilege.uid)
@@ -454,7 +460,7 @@ class Session:
         return {
             "key": self._minter.key, "tool": tool.name, "grants_obj": tool.parts.grants,
             "grants_bytes": tool.parts.grants_bytes, "limits": tool.parts.limits, "env": env,
-            "base_dir": worker.base_dir, "sys_path": [p for p in sys.path if p],
+            "base_dir": worker.base_dir, "sys_path": self._worker_sys_path,
             "isolation": tool.isolation, "uid": self.privilege.uid, "gid": self.privilege.gid,
             "implicit_read": self._implicit_read, "tool_blob": tool.blob,
         }
