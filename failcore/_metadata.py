@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-class RiskLevel(str, enum.Enum):
+class RiskLevel(enum.StrEnum):
     LOW = "LOW"
     MEDIUM = "MEDIUM"
     HIGH = "HIGH"
     CRITICAL = "CRITICAL"
 
 
-class SideEffect(str, enum.Enum):
+class SideEffect(enum.StrEnum):
     NONE = "NONE"
     FILESYSTEM = "FILESYSTEM"
     NETWORK = "NETWORK"
@@ -23,7 +23,7 @@ class SideEffect(str, enum.Enum):
     ENVIRONMENT = "ENVIRONMENT"
 
 
-class DefaultPolicy(str, enum.Enum):
+class DefaultPolicy(enum.StrEnum):
     """What an operation that no capability covers gets."""
 
     BLOCK = "BLOCK"

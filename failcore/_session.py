@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -43,7 +44,7 @@ from failcore._replay import Replayer
 from failcore._token import TokenMinter, ToolGrants
 from failcore._validation import ToolModels, build_models
 from failcore._watchdog import Watchdog
-from failcore._workers import Pool, Worker
+from failcore._workers import Pool, Worker, descendants
 from failcore._zygote import MINIMAL_ENV, Zygote
 from worker import protocol
 from worker.rules import GuardEvent
@@ -79,6 +80,8 @@ class _Tool:
         self.env_names = env_names
         self.limits = metadata.limits
         self.isolation = metadata.effective_isolation
+        grants = parts.grants
+        self.may_spawn = bool(grants.exec) or grants.default != "block"
         self.cond = threading.Condition()
         self.free: list[Worker] = []
         self.count = 0
@@ -129,12 +132,12 @@ class Session:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._replay = Replayer(os.fspath(replay)) if replay is not None else None
         self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else _NoTrace()
+        self._tracing = trace is not None
         from failcore import __version__
 
         self._trace.record("session.start", None, {
             "failcore_version": __version__, "policy": getattr(self.policy, "name", None), "format": 1})
         self._pool: Pool | None = None
-        self._zygote: Zygote | None = None
         self._watchdog: Watchdog | None = None
         self._root: str | None = None
         if self._replay is not None:
@@ -153,26 +156,26 @@ class Session:
                 os.path.realpath(p) == r or os.path.realpath(p).startswith(r + os.sep)
                 for r in self._implicit_read)]
         try:
-            self._zygote = Zygote(os.path.join(self._root, "zygote.log"))
-            self._pool = Pool(self._zygote, self._root, prespawn, self.privilege.uid)
+            self._pool = Pool(self._root, prespawn, self.privilege.uid)
             self._watchdog = Watchdog(self._pool, watchdog_interval_s)
         except BaseException:
             self.close()
             raise
-        self._finalizer = weakref.finalize(self, Session._finalize, self._pool, self._zygote,
+        self._finalizer = weakref.finalize(self, Session._finalize, self._pool,
                                            self._watchdog, self._root)
         atexit.register(self._finalizer)
 
+    @property
+    def _zygote(self) -> Zygote | None:
+        return self._pool.zygote if self._pool is not None else None
+
     # ----------------------------------------------------------------- lifecycle
     @staticmethod
-    def _finalize(pool: Pool | None, zygote: Zygote | None, watchdog: Watchdog | None,
-                  root: str | None) -> None:
+    def _finalize(pool: Pool | None, watchdog: Watchdog | None, root: str | None) -> None:
         if watchdog is not None:
             watchdog.stop()
         if pool is not None:
             pool.close()
-        if zygote is not None:
-            zygote.close()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -188,7 +191,7 @@ class Session:
         if finalizer is not None:
             finalizer()
         else:
-            Session._finalize(self._pool, self._zygote, self._watchdog, self._root)
+            Session._finalize(self._pool, self._watchdog, self._root)
         self._trace.record("session.end", None, {"calls": self._calls})
         self._trace.close()
 
@@ -363,7 +366,11 @@ class Session:
                 f"{type(exc).__name__}: {exc}; pass plain data (str, numbers, lists, dicts, models)")
             self._end(call_id, tool.name, "invalid_input", None, unsendable, started)
             raise unsendable from None
-        outcome = self._dispatch(tool, call_id, call_frame)
+        try:
+            outcome = self._dispatch(tool, call_id, call_frame)
+        except FailCoreError as exc:  # no worker could be had (e.g. the zygote is restarting)
+            self._end(call_id, tool.name, "crashed", None, exc, started)
+            raise
         for event in outcome.events:
             if self.policy.warn_only and event.get("action") == "allow":
                 # Audit mode: the worker enforced only the tool's own grants; say what the
@@ -383,7 +390,8 @@ class Session:
             trace.record("validate.output", call_id, {"ok": False, "errors": err.errors})
             self._end(call_id, tool.name, "invalid_output", None, err, started)
             raise
-        self._end(call_id, tool.name, "ok", models.output_to_json(value), None, started)
+        result = models.output_to_json(value) if self._tracing else None
+        self._end(call_id, tool.name, "ok", result, None, started)
         return value
 
     def _dispatch(self, tool: _Tool, call_id: str, call_frame: bytes) -> _dispatch.Outcome:
@@ -439,6 +447,13 @@ class Session:
         if tool.isolation == "call":
             self._pool.retire(worker)
             return
+        if reuse and tool.may_spawn:
+            # A call's processes do not outlive the call, in a warm worker too.
+            for pid in descendants(worker.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         with tool.cond:
             if reuse and not worker.dead and not self._closed:
                 tool.free.append(worker)

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from failcore._errors import WorkerCrashed
 from failcore._zygote import Zygote
 from worker import protocol
 
@@ -109,8 +110,9 @@ def kill_tree(pid: int) -> None:
 class Pool:
     """Forks workers through the zygote; keeps ``prespawn`` idle ones ready."""
 
-    def __init__(self, zygote: Zygote, root: str, prespawn: int, uid: int | None) -> None:
-        self._zygote = zygote
+    def __init__(self, root: str, prespawn: int, uid: int | None) -> None:
+        self._zygote_lock = threading.Lock()
+        self.zygote = Zygote(os.path.join(root, "zygote.log"))
         self._root = root
         self._prespawn = prespawn
         self._uid = uid
@@ -129,12 +131,40 @@ class Pool:
         base = tempfile.mkdtemp(prefix="w", dir=self._root)
         if self._uid is not None:
             os.chown(base, self._uid, -1)
-        pid, chan = self._zygote.fork()
+        pid, chan = self._fork()
         with self._lock:
             self._counter += 1
             worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}")
             self._all.add(worker)
         return worker
+
+    def _fork(self) -> tuple[int, socket.socket]:
+        """Fork through the zygote; if it died (killed from outside, OOM), start a new one.
+
+        Workers forked by the dead zygote died with it (PR_SET_PDEATHSIG); their calls
+        fail once, and the session keeps working.
+        """
+        zygote = self.zygote
+        try:
+            return zygote.fork()
+        except WorkerCrashed:
+            if zygote.proc.poll() is None or self._closed:
+                raise
+        with self._zygote_lock:
+            if self.zygote is zygote:
+                zygote.close()
+                self.zygote = Zygote(os.path.join(self._root, "zygote.log"))
+            with self._lock:
+                stale = [w for w in self._idle]
+                self._idle.clear()
+            for worker in stale:
+                worker.dead = True
+                with self._lock:
+                    self._cleanup.append(worker)
+        return self.zygote.fork()
+
+    def zygote_died(self) -> bool:
+        return self.zygote.proc.poll() is not None
 
     def _maintain(self) -> None:
         while True:
@@ -183,10 +213,10 @@ class Pool:
                 worker.kill("retired")
             worker.chan.close()
             shutil.rmtree(worker.base_dir, ignore_errors=True)
-            self._zygote.forget(worker.pid)
+            self.zygote.forget(worker.pid)
 
     def wait_status(self, worker: Worker, timeout: float) -> int | None:
-        return self._zygote.wait_exit(worker.pid, timeout)
+        return self.zygote.wait_exit(worker.pid, timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -200,6 +230,7 @@ class Pool:
         self._refill.set()
         self._thread.join(10)
         self._drain_cleanup()
+        self.zygote.close()
 
     def busy_workers(self, predicate: Callable[[Worker], bool]) -> list[Worker]:
         with self._lock:

@@ -38,6 +38,7 @@ import cloudpickle  # noqa: F401
 from worker import guards, main  # noqa: F401
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -66,23 +67,72 @@ def _child(ctl: socket.socket, chan_fd: int) -> None:
         os._exit(0)
 
 
+def _adopted(children: set[int]) -> list[int]:
+    """Processes re-parented to the zygote (orphans of a dead worker), not forked by it."""
+    found: list[int] = []
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children", "rb") as f:
+            found = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return [p for p in found if p not in children]
+
+
 def _reap(ctl: socket.socket, children: set[int]) -> None:
-    while children:
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             children.clear()
             return
         if pid == 0:
-            return
+            break
+        if pid not in children:
+            continue  # an adopted orphan we killed
         children.discard(pid)
         try:
             ctl.send(pickle.dumps(("exited", pid, status)))
         except OSError:
             pass
+    # The zygote is a child subreaper: a worker's orphans (even ones that called setsid)
+    # land here instead of at pid 1. They belong to a call that is over: kill them.
+    for pid in _adopted(children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children", "rb") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found.extend(kids)
+            stack.extend(kids)
+    return found
 
 
 def _shutdown(children: set[int]) -> None:
+    # Everything below the zygote, setsid'd grandchildren included: listed first, since
+    # once a worker dies its orphans would be re-parented (here, then to pid 1 when the
+    # zygote exits).
+    for pid in _descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     for pid in list(children):
         for kill in (os.killpg, os.kill):
             try:
@@ -101,6 +151,7 @@ def serve(ctl_fd: int) -> None:
     # Preloaded objects never change; keep the collector from touching (and so copying)
     # their pages in every forked worker.
     gc.freeze()
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     ctl = socket.socket(fileno=ctl_fd)
     children: set[int] = set()
     wake_r, wake_w = os.pipe()
