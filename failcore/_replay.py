@@ -73,4 +73,12 @@ class Replayer:
             return tool.models.output_from_json(result) if tool is not None else result
         error = end.get("error") or {}
         cls = _ERRORS.get(status, FailCoreError)
-        raise cls(f"(replayed {rec_id}) {error.get('message', status)}")
+        message = f"(replayed {rec_id}) {error.get('message', status)}"
+        if cls is SecurityError:
+            raise SecurityError(message, rule=error.get("rule", ""), target=error.get("target", ""),
+                                layer=error.get("layer", ""))
+        if cls is ToolFailed:
+            raise ToolFailed(message, remote_type=error.get("remote_type", ""),
+                             remote_message=error.get("message", ""),
+                             remote_traceback=error.get("traceback", ""))
+        raise cls(message)

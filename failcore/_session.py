@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -66,6 +67,37 @@ class _NoTrace:
         return None
 
 
+# Secret values shorter than this are not scrubbed from trace text (they would match
+# everywhere); they are still never written where they are arguments.
+_MIN_SECRET = 4
+
+
+class _ScrubbingTrace:
+    """Writes through to the trace with every secret value replaced by ``<secret>``,
+    wherever it appears: error messages, guard events, pre-check findings, results."""
+
+    def __init__(self, trace: Any, hidden: list[str]) -> None:
+        self._trace = trace
+        self._hidden = hidden
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self._hidden:
+                if secret in value:
+                    value = value.replace(secret, "<secret>")
+            return value
+        if isinstance(value, dict):
+            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._scrub(v) for v in value]
+        return value
+
+    def record(self, kind: str, call_id: str | None, body: dict[str, Any]) -> Any:
+        from failcore._validation import to_jsonable
+
+        return self._trace.record(kind, call_id, self._scrub(to_jsonable(body)))
+
+
 class _Tool:
     def __init__(self, name: str, fn: Callable[..., Any], metadata: ToolMetadata,
                  caps: tuple[Capability, ...], models: ToolModels, parts: ToolGrants,
@@ -92,7 +124,20 @@ def _by_value(fn: Callable[..., Any]) -> bytes:
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
     origin = getattr(module, "__file__", None) or ""
     installed = any(origin.startswith(p) for p in (sys.prefix, sys.base_prefix) if p)
-    if module is None or installed or module.__name__ == "__main__":
+    if module is not None and installed:
+        return bytes(cloudpickle.dumps(fn))
+    # Annotations are the parent's business (validation happens here): shipping them would
+    # make the worker import what they name (pydantic, failcore's Secret...) for nothing.
+    if isinstance(fn, types.FunctionType) and fn.__annotations__:
+        clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                                   fn.__closure__)
+        clone.__kwdefaults__ = fn.__kwdefaults__
+        clone.__qualname__ = fn.__qualname__
+        clone.__module__ = fn.__module__
+        clone.__doc__ = fn.__doc__
+        clone.__dict__.update(fn.__dict__)
+        fn = clone
+    if module is None or module.__name__ == "__main__":
         return bytes(cloudpickle.dumps(fn))
     cloudpickle.register_pickle_by_value(module)
     try:
@@ -127,6 +172,7 @@ class Session:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._calls = 0
+        self._workers_named = 0
         self._closed = False
         self._max_workers = max_workers_per_tool
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -242,6 +288,7 @@ class Session:
         })
         self._trace.record("policy.grants", None, {
             "tool": name, "granted": [str(c) for c in granted],
+            "grants": parts.grants_wire, "grants_sha256": parts.grants_sha256,
             "refused": [{"capability": getattr(v, "capability", ""), "rule": v.rule,
                          "reason": v.reason, "action": v.action} for v in refused],
         })
@@ -322,22 +369,29 @@ class Session:
         return await loop.run_in_executor(self._executor, functools.partial(self.call, name, **kwargs))
 
     def _end(self, call_id: str, tool: str, status: str, result: Any, err: BaseException | None,
-             started: float) -> None:
-        self._trace.record("call.end", call_id, {
-            "tool": tool, "status": status, "result": result,
-            "error": None if err is None else {"type": type(err).__name__, "message": str(err)},
+             started: float, trace: Any = None) -> None:
+        error: dict[str, Any] | None = None
+        if err is not None:
+            error = {"type": type(err).__name__, "message": str(err)}
+            for key in ("rule", "target", "layer", "remote_type", "traceback"):
+                value = getattr(err, key if key != "traceback" else "remote_traceback", None)
+                if value:
+                    error[key] = value
+        (trace or self._trace).record("call.end", call_id, {
+            "tool": tool, "status": status, "result": result, "error": error,
             "duration_ms": round((time.monotonic() - started) * 1000, 3)})
 
     def _run(self, tool: _Tool, call_id: str, kwargs: dict[str, Any]) -> Any:
         started = time.monotonic()
-        trace = self._trace
         models = tool.models
+        hidden = self._secret_values(tool, kwargs)
+        trace = _ScrubbingTrace(self._trace, hidden) if hidden else self._trace
         trace.record("call.start", call_id, {"tool": tool.name, "args": models.redact(kwargs)})
         try:
             args = models.validate_input(kwargs)
         except InputValidationError as err:
             trace.record("validate.input", call_id, {"ok": False, "errors": err.errors})
-            self._end(call_id, tool.name, "invalid_input", None, err, started)
+            self._end(call_id, tool.name, "invalid_input", None, err, started, trace)
             raise
         findings = self.policy.precheck(tool.parts.grants, args)
         if findings:
@@ -350,11 +404,11 @@ class Session:
                 denied = SecurityError(
                     f"{tool.name}: argument {arg!r} refused before dispatch: {verdict.reason} "
                     f"[rule: {verdict.rule}]", rule=verdict.rule, target=arg, layer="precheck")
-                self._end(call_id, tool.name, "blocked", None, denied, started)
+                self._end(call_id, tool.name, "blocked", None, denied, started, trace)
                 raise denied
         limits = tool.limits
         token, mac = self._minter.mint(call_id, tool.name, tool.parts, limits.timeout_s)
-        trace.record("token.mint", call_id, {"grants": tool.parts.grants_wire,
+        trace.record("token.mint", call_id, {"grants_sha256": tool.parts.grants_sha256,
                                              "limits": tool.parts.limits, "ttl_s": limits.timeout_s})
         # Encode before taking a worker: arguments that cannot cross the boundary are the
         # caller's error, and no worker slot may be held while finding that out.
@@ -364,12 +418,12 @@ class Session:
             unsendable = InputValidationError(
                 f"{tool.name}: the arguments cannot be sent to a worker: "
                 f"{type(exc).__name__}: {exc}; pass plain data (str, numbers, lists, dicts, models)")
-            self._end(call_id, tool.name, "invalid_input", None, unsendable, started)
+            self._end(call_id, tool.name, "invalid_input", None, unsendable, started, trace)
             raise unsendable from None
         try:
             outcome = self._dispatch(tool, call_id, call_frame)
         except FailCoreError as exc:  # no worker could be had (e.g. the zygote is restarting)
-            self._end(call_id, tool.name, "crashed", None, exc, started)
+            self._end(call_id, tool.name, "crashed", None, exc, started, trace)
             raise
         for event in outcome.events:
             if self.policy.warn_only and event.get("action") == "allow":
@@ -382,17 +436,38 @@ class Session:
         if outcome.error is not None:
             if isinstance(outcome.error, ToolFailed):
                 _restore_source(outcome.error, tool.fn)
-            self._end(call_id, tool.name, outcome.status, None, outcome.error, started)
+            self._end(call_id, tool.name, outcome.status, None, outcome.error, started, trace)
             raise outcome.error
         try:
             value = models.validate_output(outcome.value)
         except OutputValidationError as err:
             trace.record("validate.output", call_id, {"ok": False, "errors": err.errors})
-            self._end(call_id, tool.name, "invalid_output", None, err, started)
+            self._end(call_id, tool.name, "invalid_output", None, err, started, trace)
             raise
         result = models.output_to_json(value) if self._tracing else None
-        self._end(call_id, tool.name, "ok", result, None, started)
+        self._end(call_id, tool.name, "ok", result, None, started, trace)
         return value
+
+    @staticmethod
+    def _secret_values(tool: _Tool, kwargs: dict[str, Any]) -> list[str]:
+        """Values that must never reach the trace: secret arguments, granted env values."""
+        hidden: list[str] = []
+        for name in tool.models.secret_fields:
+            value = kwargs.get(name)
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            if isinstance(value, str) and len(value) >= _MIN_SECRET:
+                hidden.append(value)
+                # A secret used as a path shows up resolved ("../x" as "/cwd/x"): hide its
+                # components too.
+                hidden.extend(p for p in re.split(r"[/\\]", value) if len(p) >= _MIN_SECRET)
+        for pattern in tool.env_names:
+            prefix = pattern[:-1] if pattern.endswith("*") else None
+            for key, value in os.environ.items():
+                if (key.startswith(prefix) if prefix is not None else key == pattern) \
+                        and len(value) >= _MIN_SECRET:
+                    hidden.append(value)
+        return sorted(set(hidden), key=len, reverse=True)
 
     def _dispatch(self, tool: _Tool, call_id: str, call_frame: bytes) -> _dispatch.Outcome:
         assert self._pool is not None
@@ -401,6 +476,9 @@ class Session:
         try:
             frames = [call_frame]
             if fresh:
+                with self._lock:  # named in call order, so equal runs give equal traces
+                    self._workers_named += 1
+                    worker.name = f"w{self._workers_named}"
                 frames.insert(0, protocol.encode("init", self._init_body(tool, worker)))
                 self._trace.record("worker.spawn", call_id, {
                     "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})

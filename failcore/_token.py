@@ -9,6 +9,7 @@ only over their private channel (never the environment, never the trace).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -31,6 +32,7 @@ class ToolGrants:
     grants_bytes: bytes
     tail: bytes
     grants_wire: dict[str, object]
+    grants_sha256: str
 
     @classmethod
     def build(cls, grants: Grants, limits: dict[str, object]) -> ToolGrants:
@@ -38,7 +40,7 @@ class ToolGrants:
         grants_bytes = protocol.canonical_json(wire)
         tail = b"\n" + grants_bytes + b"\n" + protocol.canonical_json(limits)
         return cls(grants=grants, limits=limits, grants_bytes=grants_bytes, tail=tail,
-                   grants_wire=wire)
+                   grants_wire=wire, grants_sha256=hashlib.sha256(grants_bytes).hexdigest())
 
 
 class TokenMinter:
@@ -47,7 +49,9 @@ class TokenMinter:
 
     def mint(self, call_id: str, tool: str, parts: ToolGrants, ttl_s: float) -> tuple[bytes, str]:
         header = json.dumps(
-            {"call_id": call_id, "expires": round(time.time() + ttl_s + _GRACE_S, 3), "tool": tool},
+            # Integer milliseconds: a fixed width, so frames of equal calls have equal sizes.
+            {"call_id": call_id, "expires_ms": int((time.time() + ttl_s + _GRACE_S) * 1000),
+             "tool": tool},
             sort_keys=True, separators=(",", ":"),
         ).encode()
         token = header + parts.tail

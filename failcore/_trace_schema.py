@@ -93,6 +93,7 @@ class CallError(_Strict):
     rule: str | None = None
     target: str | None = None
     layer: str | None = None
+    remote_type: str | None = None
 
 
 # --- bodies, one per kind ------------------------------------------------------------
@@ -129,15 +130,23 @@ class PrecheckBody(_Strict):
 
 
 class GrantsBody(_Strict):
-    """What the session policy granted of a tool's capabilities (at registration: ``tool``)."""
+    """What the session policy granted of a tool's capabilities (at registration: ``tool``);
+    ``grants`` is exactly what its tokens carry, ``grants_sha256`` its canonical digest."""
 
     granted: list[str]
     refused: list[RefusedCapability]
     tool: str | None = None
+    grants: dict[str, Any] | None = None
+    grants_sha256: str | None = None
 
 
 class TokenMintBody(_Strict):
-    grants: dict[str, Any]
+    """A minted token without its key or MAC. ``grants_sha256`` names the grants recorded
+    in full (``grants``) by the tool's ``policy.grants`` record; ``grants`` inline when the
+    token's grants differ from the tool's."""
+
+    grants: dict[str, Any] | None = None
+    grants_sha256: str | None = None
     limits: LimitsBody
     ttl_s: float
 

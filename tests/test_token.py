@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,6 +101,11 @@ def test_token_and_key_in_trace(tmp_path) -> None:  # type: ignore[no-untyped-de
         key = s._minter.key
     raw = trace.read_bytes()
     assert key.hex().encode() not in raw and key not in raw
-    mints = [r for r in read_trace(str(trace)) if r["kind"] == "token.mint"]
+    records = read_trace(str(trace))
+    mints = [r for r in records if r["kind"] == "token.mint"]
     assert len(mints) == 1
-    assert mints[0]["body"]["grants"]["fs"][0]["path"] == str(tmp_path)
+    registered = [r for r in records if r["kind"] == "policy.grants"][0]["body"]
+    assert mints[0]["body"]["grants_sha256"] == registered["grants_sha256"]
+    assert registered["grants"]["fs"][0]["path"] == str(tmp_path)
+    digest = hashlib.sha256(protocol.canonical_json(registered["grants"])).hexdigest()
+    assert digest == registered["grants_sha256"], "the digest names exactly the recorded grants"

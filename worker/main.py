@@ -145,7 +145,7 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
                       f"token is for tool {header.get('tool')!r}, this worker runs {state.tool!r}")
     if not isinstance(call_id, str) or call_id in state.seen_calls:
         return _error(protocol.ERR_TOKEN, None, f"token call id {call_id!r} was already used")
-    if float(header.get("expires", 0)) < time.time():
+    if int(header.get("expires_ms", 0)) < time.time() * 1000:
         return _error(protocol.ERR_TOKEN, None, "capability token has expired")
     grants = state.grant_cache.get(grants_bytes)
     if grants is None:
@@ -169,8 +169,12 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
         return "error", checked
     state.calls += 1
     cwd = os.path.join(state.base_dir, f"call-{state.calls}")
-    os.mkdir(cwd, 0o700)
-    os.chdir(cwd)
+    guards.runtime_begin()
+    try:
+        os.mkdir(cwd, 0o700)
+        os.chdir(cwd)
+    finally:
+        guards.runtime_end()
     guards.set_call(checked, cwd)
     try:
         value = state.fn(**body["args"])
@@ -183,11 +187,15 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
         kind = protocol.ERR_RESOURCE if isinstance(exc, OSError) and exc.errno == 27 else protocol.ERR_TOOL
         reply = "error", _error(kind, exc)
     finally:
-        os.chdir(state.base_dir)
+        guards.runtime_begin()
         try:
-            os.rmdir(cwd)  # the common case: the tool left nothing behind
-        except OSError:
-            shutil.rmtree(cwd, ignore_errors=True)
+            os.chdir(state.base_dir)
+            try:
+                os.rmdir(cwd)  # the common case: the tool left nothing behind
+            except OSError:
+                shutil.rmtree(cwd, ignore_errors=True)
+        finally:
+            guards.runtime_end()
     events = guards.take_events()
     blocked = next((e for e in events if e.get("action") == "block"), None)
     if blocked is not None and reply[1].get("kind") != protocol.ERR_DENIED:
@@ -227,7 +235,7 @@ def _warm_up() -> None:
     code path; doing that before ``init`` arrives takes ~1 ms off a fresh call.
     """
     key = b"k" * 32
-    token = protocol.canonical_json({"call_id": "c0", "expires": 0.0, "tool": "t"}) + b"\n{}\n{}"
+    token = protocol.canonical_json({"call_id": "c0", "expires_ms": 0, "tool": "t"}) + b"\n{}\n{}"
     protocol.verify(key, token, protocol.sign(key, token))
     protocol.split_token(token)
     grants = Grants()
