@@ -60,7 +60,8 @@ _SYSTEM_READ = (
 
 
 class _NoTrace:
-    def record(self, kind: str, call_id: str | None, body: dict[str, Any]) -> None:
+    def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
+               plain: bool = False) -> None:
         return None
 
     def close(self) -> None:
@@ -92,7 +93,8 @@ class _ScrubbingTrace:
             return [self._scrub(v) for v in value]
         return value
 
-    def record(self, kind: str, call_id: str | None, body: dict[str, Any]) -> Any:
+    def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
+               plain: bool = False) -> Any:
         from failcore._validation import to_jsonable
 
         return self._trace.record(kind, call_id, self._scrub(to_jsonable(body)))
@@ -379,14 +381,15 @@ class Session:
                     error[key] = value
         (trace or self._trace).record("call.end", call_id, {
             "tool": tool, "status": status, "result": result, "error": error,
-            "duration_ms": round((time.monotonic() - started) * 1000, 3)})
+            "duration_ms": round((time.monotonic() - started) * 1000, 3)}, plain=True)
 
     def _run(self, tool: _Tool, call_id: str, kwargs: dict[str, Any]) -> Any:
         started = time.monotonic()
         models = tool.models
         hidden = self._secret_values(tool, kwargs)
         trace = _ScrubbingTrace(self._trace, hidden) if hidden else self._trace
-        trace.record("call.start", call_id, {"tool": tool.name, "args": models.redact(kwargs)})
+        trace.record("call.start", call_id, {"tool": tool.name, "args": models.redact(kwargs)},
+                     plain=True)
         try:
             args = models.validate_input(kwargs)
         except InputValidationError as err:
@@ -409,7 +412,8 @@ class Session:
         limits = tool.limits
         token, mac = self._minter.mint(call_id, tool.name, tool.parts, limits.timeout_s)
         trace.record("token.mint", call_id, {"grants_sha256": tool.parts.grants_sha256,
-                                             "limits": tool.parts.limits, "ttl_s": limits.timeout_s})
+                                             "limits": tool.parts.limits, "ttl_s": limits.timeout_s},
+                     plain=True)
         # Encode before taking a worker: arguments that cannot cross the boundary are the
         # caller's error, and no worker slot may be held while finding that out.
         try:
@@ -483,13 +487,13 @@ class Session:
                 self._trace.record("worker.spawn", call_id, {
                     "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})
             self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(call_frame),
-                                                     "worker": worker.name})
+                                                     "worker": worker.name}, plain=True)
             outcome = _dispatch.exchange(self._pool, worker, tool.name, frames,
                                          tool.limits.timeout_s, tool.limits.output_bytes)
             reuse = outcome.reuse
             if outcome.recv_kind is not None:
                 self._trace.record("ipc.recv", call_id, {"type": outcome.recv_kind,
-                                                         "bytes": outcome.recv_bytes})
+                                                         "bytes": outcome.recv_bytes}, plain=True)
             if worker.kill_reason is not None:
                 self._trace.record("worker.kill", call_id, {
                     "worker": worker.name, "reason": worker.kill_reason, "pid": worker.pid})

@@ -300,14 +300,16 @@ class TraceWriter:
         self._seq = records[-1][1]["seq"] + 1
         self._prev = report.head
 
-    def record(self, kind: str, call_id: str | None, body: Any) -> dict[str, Any]:
+    def record(self, kind: str, call_id: str | None, body: Any, *,
+               plain: bool = False) -> dict[str, Any]:
         """Append one record and return it as written (``body`` converted to JSON if needed).
 
         Never raises for the body's content: values that are not JSON-native are
         converted (see ``to_jsonable``). Raises TraceError if the writer is closed or
-        the disk write fails.
+        the disk write fails. ``plain=True``: the caller guarantees the body is already
+        JSON-native with str keys only (the session's own records), skipping a check.
         """
-        body_bytes, body = encode_body(body)
+        body_bytes, body = encode_body(body, plain)
         if call_id is not None:
             call_id = clean_str(call_id if type(call_id) is str else str(to_jsonable(call_id)))
         if type(kind) is not str:
