@@ -475,15 +475,16 @@ class Session:
 
     def _dispatch(self, tool: _Tool, call_id: str, call_frame: bytes) -> _dispatch.Outcome:
         assert self._pool is not None
-        worker, fresh = self._acquire(tool)
+        worker, needs_init = self._acquire(tool)
         reuse = False
         try:
             frames = [call_frame]
-            if fresh:
+            if needs_init or tool.isolation == "call":
                 with self._lock:  # named in call order, so equal runs give equal traces
                     self._workers_named += 1
                     worker.name = f"w{self._workers_named}"
-                frames.insert(0, protocol.encode("init", self._init_body(tool, worker)))
+                if needs_init:
+                    frames.insert(0, self._init_frame(tool, worker))
                 self._trace.record("worker.spawn", call_id, {
                     "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})
             self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(call_frame),
@@ -504,6 +505,12 @@ class Session:
     def _acquire(self, tool: _Tool) -> tuple[Worker, bool]:
         assert self._pool is not None
         if tool.isolation == "call":
+            ready = self._pool.take_ready(tool.name)
+            if ready is not None:
+                return ready, False
+            # From now on keep workers of this tool initialised ahead of its calls: a
+            # fresh call then costs one round trip, not a lock-down and a load.
+            self._pool.want_ready(tool.name, functools.partial(self._init_frame, tool))
             return self._pool.take(), True
         with tool.cond:
             while not tool.free:
@@ -543,6 +550,9 @@ class Session:
                 tool.count -= 1
                 self._pool.retire(worker)
             tool.cond.notify()
+
+    def _init_frame(self, tool: _Tool, worker: Worker) -> bytes:
+        return protocol.encode("init", self._init_body(tool, worker))
 
     def _init_body(self, tool: _Tool, worker: Worker) -> dict[str, Any]:
         env = dict(MINIMAL_ENV, HOME=worker.base_dir, TMPDIR=worker.base_dir)

@@ -123,6 +123,10 @@ class Pool:
         self._all: set[Worker] = set()
         self._counter = 0
         self._cleanup: collections.deque[Worker] = collections.deque()
+        # Per tool: workers already sent their ``init`` (locked down and loaded in the
+        # background), each to serve exactly one fresh call.
+        self._ready: dict[str, collections.deque[Worker]] = {}
+        self._builders: dict[str, Callable[[Worker], bytes]] = {}
         self._thread = threading.Thread(target=self._maintain, name="failcore-pool", daemon=True)
         self._thread.start()
         self._refill.set()
@@ -157,6 +161,9 @@ class Pool:
             with self._lock:
                 stale = [w for w in self._idle]
                 self._idle.clear()
+                for queue in self._ready.values():
+                    stale.extend(queue)
+                    queue.clear()
             for worker in stale:
                 worker.dead = True
                 with self._lock:
@@ -172,22 +179,51 @@ class Pool:
             self._refill.clear()
             while not self._closed:
                 self._drain_cleanup()
-                with self._lock:
-                    short = len(self._idle) < self._prespawn
-                if not short:
+                job = self._next_job()
+                if job is None:
                     break
                 try:
                     worker = self._new()
+                    if job:
+                        worker.chan.sendall(self._builders[job](worker))
                 except Exception:  # noqa: BLE001 - surfaced by the next take()
                     break
                 with self._lock:
                     if self._closed:
                         self._cleanup.append(worker)
                         break
-                    self._idle.append(worker)
+                    (self._ready[job] if job else self._idle).append(worker)
             self._drain_cleanup()
             if self._closed:
                 return
+
+    def _next_job(self) -> str | None:
+        """What to fork next: "" for a generic idle worker, a tool name, or None."""
+        with self._lock:
+            if len(self._idle) < self._prespawn:
+                return ""
+            for tool, queue in self._ready.items():
+                if len(queue) < self._prespawn:
+                    return tool
+        return None
+
+    def want_ready(self, tool: str, init_frame: Callable[[Worker], bytes]) -> None:
+        """Keep ``prespawn`` workers of ``tool`` locked down and loaded ahead of its calls."""
+        with self._lock:
+            if tool in self._ready or self._prespawn == 0:
+                return
+            self._builders[tool] = init_frame
+            self._ready[tool] = collections.deque()
+        self._refill.set()
+
+    def take_ready(self, tool: str) -> Worker | None:
+        """A worker already initialised for ``tool``, or None."""
+        with self._lock:
+            queue = self._ready.get(tool)
+            worker = queue.popleft() if queue else None
+        if worker is not None:
+            self._refill.set()
+        return worker
 
     def take(self) -> Worker:
         """An idle, not yet locked-down worker (prespawned when possible)."""
