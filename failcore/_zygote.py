@@ -25,7 +25,8 @@ class Zygote:
         ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = (
             f"import sys; sys.path.insert(0, {_WORKER_ROOT!r}); "
-            f"from worker.zygote import serve; serve({child.fileno()})"
+            f"from worker.zygote import serve; serve({child.fileno()}, "
+            f"{os.path.dirname(os.path.abspath(log_path))!r})"
         )
         self._log_path = log_path
         with open(log_path, "wb") as log:

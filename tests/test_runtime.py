@@ -327,14 +327,15 @@ def test_workers_exit_when_the_parent_dies(tmp_path) -> None:  # type: ignore[no
         s = Session()
         s.register("pid", lambda: os.getpid(), ToolMetadata(isolation="tool"))
         s.register("hang", lambda: time.sleep(60), ToolMetadata(isolation="call"))
-        print(s.call("pid"), flush=True)
+        print(s.call("pid"), s._root, flush=True)
         import threading
         threading.Thread(target=lambda: s.call("hang"), daemon=True).start()
         time.sleep(60)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
-        worker_pid = int(proc.stdout.readline())  # type: ignore[union-attr]
+        pid_text, root = proc.stdout.readline().split()  # type: ignore[union-attr]
+        worker_pid = int(pid_text)
         time.sleep(0.5)
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert psutil.pid_exists(worker_pid)
@@ -342,6 +343,7 @@ def test_workers_exit_when_the_parent_dies(tmp_path) -> None:  # type: ignore[no
         proc.wait(10)
         gone, alive = psutil.wait_procs(tree, timeout=5)
         assert not alive, f"workers outlived their parent: {alive}"
+        assert not os.path.exists(root), "the zygote removes a dead parent's scratch space"
     finally:
         if proc.poll() is None:
             proc.kill()

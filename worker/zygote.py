@@ -25,7 +25,7 @@ import json  # noqa: F401
 import os
 import pickle
 import select
-import shutil  # noqa: F401
+import shutil
 import signal
 import socket
 import ssl  # noqa: F401
@@ -124,6 +124,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+_session_root: str | None = None
+
+
 def _shutdown(children: set[int]) -> None:
     # Everything below the zygote, setsid'd grandchildren included: listed first, since
     # once a worker dies its orphans would be re-parented (here, then to pid 1 when the
@@ -144,12 +147,17 @@ def _shutdown(children: set[int]) -> None:
             os.waitpid(pid, 0)
         except OSError:
             pass
+    if _session_root is not None:
+        # A parent killed with SIGKILL cannot remove its scratch space (on tmpfs: memory).
+        shutil.rmtree(_session_root, ignore_errors=True)
     os._exit(0)
 
 
-def serve(ctl_fd: int) -> None:
+def serve(ctl_fd: int, session_root: str | None = None) -> None:
     # Preloaded objects never change; keep the collector from touching (and so copying)
     # their pages in every forked worker.
+    global _session_root
+    _session_root = session_root
     gc.freeze()
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     ctl = socket.socket(fileno=ctl_fd)
@@ -193,4 +201,4 @@ def serve(ctl_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
