@@ -48,6 +48,9 @@ class _State:
         self.calls = 0
         self.cpu_hard = 0.0
         self.cpu_s = 0
+        self.dirs = 0
+        self.next_dir: str | None = None
+        self.used_dir: str | None = None
 
 
 def _cpu_used() -> float:
@@ -168,13 +171,14 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
     if isinstance(checked, dict):
         return "error", checked
     state.calls += 1
-    cwd = os.path.join(state.base_dir, f"call-{state.calls}")
     guards.runtime_begin()
     try:
-        os.mkdir(cwd, 0o700)
+        cwd = state.next_dir or _make_call_dir(state)
+        state.next_dir = None
         os.chdir(cwd)
     finally:
         guards.runtime_end()
+    state.used_dir = cwd
     guards.set_call(checked, cwd)
     try:
         value = state.fn(**body["args"])
@@ -189,11 +193,7 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
     finally:
         guards.runtime_begin()
         try:
-            os.chdir(state.base_dir)
-            try:
-                os.rmdir(cwd)  # the common case: the tool left nothing behind
-            except OSError:
-                shutil.rmtree(cwd, ignore_errors=True)
+            os.chdir(state.base_dir)  # removing the directory waits until after the reply
         finally:
             guards.runtime_end()
     events = guards.take_events()
@@ -211,6 +211,35 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
     if reply[0] == "result":
         reply[1]["retire"] = state.cpu_hard - _cpu_used() < state.cpu_s + 1
     return reply
+
+
+def _make_call_dir(state: _State) -> str:
+    state.dirs += 1
+    path = os.path.join(state.base_dir, f"call-{state.dirs}")
+    os.mkdir(path, 0o700)
+    return path
+
+
+def _between_calls(state: _State) -> None:
+    """After the reply is sent: remove the last call's directory, make the next one.
+
+    Off the caller's clock; the next request waits in the channel meanwhile. The run
+    loop's own file work, so not judged by the guards.
+    """
+    guards.runtime_begin()
+    try:
+        if state.used_dir is not None:
+            try:
+                os.rmdir(state.used_dir)  # the common case: the tool left nothing behind
+            except OSError:
+                shutil.rmtree(state.used_dir, ignore_errors=True)
+            state.used_dir = None
+        if state.next_dir is None and state.fn is not None:
+            state.next_dir = _make_call_dir(state)
+    except OSError:
+        state.next_dir = None  # made on demand by the next call instead
+    finally:
+        guards.runtime_end()
 
 
 def _send_reply(chan: socket.socket, kind: str, body: dict[str, Any]) -> None:
@@ -298,5 +327,6 @@ def serve(chan: socket.socket) -> None:
             except BaseException as exc:  # noqa: BLE001
                 reply_kind, reply = "error", _error(protocol.ERR_TOOL, exc)
             _send_reply(chan, reply_kind, reply)
+            _between_calls(state)
         else:
             os._exit(0)
