@@ -23,7 +23,7 @@ import psutil
 
 from failcore._errors import WorkerCrashed
 from failcore._zygote import Zygote
-from worker import protocol
+from worker import _tree, protocol
 
 
 @dataclass(eq=False)
@@ -58,34 +58,14 @@ class Worker:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid``, from the kernel's per-task children lists.
-
-    Reading ``/proc/PID/task/TID/children`` costs microseconds; scanning all of /proc
-    for parent links (psutil's way) costs milliseconds, which matters when every fresh
-    call retires a worker. Falls back to psutil where the file does not exist.
-    """
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        current = stack.pop()
+    """Every descendant of ``pid``: from the kernel's children lists, else from psutil."""
+    try:
+        return _tree.descendants(pid)
+    except _tree.NoChildrenFile:
         try:
-            tids = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{current}/task/{tid}/children", "rb") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except FileNotFoundError:
-                try:
-                    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-                except psutil.Error:
-                    return found
-            except OSError:
-                continue
-            found.extend(kids)
-            stack.extend(kids)
-    return found
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
 
 
 def kill_tree(pid: int) -> None:

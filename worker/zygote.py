@@ -35,7 +35,7 @@ import urllib.request  # noqa: F401
 
 import cloudpickle  # noqa: F401
 
-from worker import guards, main  # noqa: F401
+from worker import _tree, guards, main  # noqa: F401
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -104,26 +104,6 @@ def _reap(ctl: socket.socket, children: set[int]) -> None:
             pass
 
 
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            tids = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{current}/task/{tid}/children", "rb") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except OSError:
-                continue
-            found.extend(kids)
-            stack.extend(kids)
-    return found
-
-
 _session_root: str | None = None
 
 
@@ -131,7 +111,11 @@ def _shutdown(children: set[int]) -> None:
     # Everything below the zygote, setsid'd grandchildren included: listed first, since
     # once a worker dies its orphans would be re-parented (here, then to pid 1 when the
     # zygote exits).
-    for pid in _descendants(os.getpid()):
+    try:
+        below = _tree.descendants(os.getpid())
+    except _tree.NoChildrenFile:
+        below = []
+    for pid in below:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
