@@ -51,7 +51,14 @@ def exchange(pool: Pool, worker: Worker, tool: str, frames: list[bytes],
     worker.busy_since = time.monotonic()
     try:
         worker.chan.settimeout(timeout_s)
-        worker.chan.sendall(b"".join(frames) if len(frames) > 1 else frames[0])
+        try:
+            worker.chan.sendall(b"".join(frames) if len(frames) > 1 else frames[0])
+        except (BrokenPipeError, ConnectionResetError):
+            # The worker was dead before the request reached it (e.g. its zygote was
+            # killed): nothing ran, so the caller may safely try another worker.
+            worker.kill("undelivered")
+            return Outcome(status="undelivered", reuse=False, error=WorkerCrashed(
+                f"{tool}: the worker was gone before the request reached it"))
         payload = protocol.recv_frame(worker.chan, output_bytes + _ENVELOPE_BYTES)
     except TimeoutError:
         worker.kill("timeout")
@@ -142,6 +149,11 @@ def _lost(pool: Pool, worker: Worker, tool: str, deadline: float) -> Outcome:
                 f"{tool}: the worker was stopped by {name} (CPU or file size rlimit)"))
         return Outcome(status="crashed", reuse=False, error=WorkerCrashed(
             f"{tool}: the worker was killed by {name} before answering"))
+    zygote = worker.extra.get("zygote")
+    if status is None and zygote is not None and zygote.proc.poll() is not None:
+        return Outcome(status="crashed", reuse=False, error=WorkerCrashed(
+            f"{tool}: the worker died with its zygote (killed from outside, or by the OOM "
+            "killer) before answering; a new zygote serves the next calls"))
     code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
     return Outcome(status="crashed", reuse=False, error=WorkerCrashed(
         f"{tool}: the worker exited (code {code}) before answering"))

@@ -30,6 +30,7 @@ import cloudpickle
 
 from failcore import _dispatch
 from failcore._capabilities import Capability, parse_capabilities
+from failcore._dispatch import Outcome
 from failcore._errors import (
     FailCoreError,
     InputValidationError,
@@ -473,7 +474,21 @@ class Session:
                     hidden.append(value)
         return sorted(set(hidden), key=len, reverse=True)
 
-    def _dispatch(self, tool: _Tool, call_id: str, call_frame: bytes) -> _dispatch.Outcome:
+    def _dispatch(self, tool: _Tool, call_id: str, call_frame: bytes) -> Outcome:
+        outcome = self._dispatch_once(tool, call_id, call_frame)
+        for _ in range(3):
+            if outcome.status != "undelivered":
+                return outcome
+            # Nothing ran, so another worker may take the request. A dead worker usually
+            # means a dead zygote: its other prespawned workers are dead too.
+            assert self._pool is not None
+            self._pool.replace_dead_zygote()
+            outcome = self._dispatch_once(tool, call_id, call_frame)
+        if outcome.status == "undelivered":
+            outcome.status = "crashed"
+        return outcome
+
+    def _dispatch_once(self, tool: _Tool, call_id: str, call_frame: bytes) -> Outcome:
         assert self._pool is not None
         worker, needs_init = self._acquire(tool)
         reuse = False

@@ -119,21 +119,29 @@ class Pool:
         with self._lock:
             self._counter += 1
             worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}")
+            worker.extra["zygote"] = self.zygote
             self._all.add(worker)
         return worker
 
     def _fork(self) -> tuple[int, socket.socket]:
-        """Fork through the zygote; if it died (killed from outside, OOM), start a new one.
-
-        Workers forked by the dead zygote died with it (PR_SET_PDEATHSIG); their calls
-        fail once, and the session keeps working.
-        """
+        """Fork through the zygote; if it died (killed from outside, OOM), start a new one."""
         zygote = self.zygote
         try:
             return zygote.fork()
         except WorkerCrashed:
             if zygote.proc.poll() is None or self._closed:
                 raise
+        self._replace_zygote(zygote)
+        return self.zygote.fork()
+
+    def replace_dead_zygote(self) -> None:
+        """If the zygote died, start a new one and drop the workers it had forked (they
+        died with it, PR_SET_PDEATHSIG), so they are not handed out."""
+        zygote = self.zygote
+        if zygote.proc.poll() is not None and not self._closed:
+            self._replace_zygote(zygote)
+
+    def _replace_zygote(self, zygote: Zygote) -> None:
         with self._zygote_lock:
             if self.zygote is zygote:
                 zygote.close()
@@ -148,7 +156,7 @@ class Pool:
                 worker.dead = True
                 with self._lock:
                     self._cleanup.append(worker)
-        return self.zygote.fork()
+        self._refill.set()
 
     def zygote_died(self) -> bool:
         return self.zygote.proc.poll() is not None

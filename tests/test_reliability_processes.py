@@ -247,8 +247,8 @@ def test_grandchild_of_crashed_worker_is_killed(run: TracedSession, marker: str,
 @pytest.mark.parametrize("isolation", ["tool", "call"])
 def test_session_recovers_after_the_zygote_is_killed(run: TracedSession, isolation: str) -> None:
     """F7 (fixed in 9149c0b): the zygote SIGKILLed from outside takes its workers with it
-    (PDEATHSIG); calls already given a dead worker fail with WorkerCrashed, never hang; a
-    new zygote is started and the session goes on. Every call still ends in the trace."""
+    (PDEATHSIG); a new zygote is started, requests that found a dead worker are re-sent
+    to a live one, and the session goes on. Every call still ends in the trace."""
     s = run.session
     s.register("pid", own_pid, ToolMetadata(isolation=isolation))  # type: ignore[arg-type]
     first = s.call("pid")
@@ -262,8 +262,11 @@ def test_session_recovers_after_the_zygote_is_killed(run: TracedSession, isolati
             break
         except WorkerCrashed as exc:
             failed.append(exc)
-    print(f"\ncalls failed after the zygote died ({isolation}): {len(failed)}")
-    assert len(failed) < 10, failed
+    print(f"\ncalls failed after the zygote died ({isolation}): {len(failed)}", [str(e) for e in failed])
+    # A request that never reached a worker is retried on another one (nothing ran), and
+    # the dead zygote's prespawned workers are dropped: at most one call can still land
+    # on a worker that is dying at that very moment.
+    assert len(failed) <= 1, failed
     assert all(call_within(s, "pid", 30) > 0 for _ in range(3))
     assert s._zygote.proc.pid != zygote  # type: ignore[union-attr]
     run.finish()
