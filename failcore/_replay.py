@@ -70,6 +70,11 @@ class Replayer:
         trace.record("call.end", call_id, body)
         if status in ("ok", "replayed") and end.get("error") is None:
             result = end.get("result")
+            if isinstance(result, dict) and "$omitted" in result:
+                raise ReplayMismatch(
+                    f"recorded call {rec_id}: its result was not recorded ({result['$omitted']}, "
+                    f"{result.get('reply_bytes')} bytes); record with a larger "
+                    "Session(trace_result_bytes=...) to replay it")
             return tool.models.output_from_json(result) if tool is not None else result
         error = end.get("error") or {}
         cls = _ERRORS.get(status, FailCoreError)

@@ -158,13 +158,15 @@ class Session:
     instead of running anything. ``prespawn``: idle workers kept ready for fresh calls.
     ``max_workers_per_tool``: warm workers a tool may have at once. ``worker_user``:
     ``"auto"`` (drop to ``nobody`` when the parent is root and the interpreter is readable
-    by it), a user name/uid to force, or ``None`` to never drop.
+    by it), a user name/uid to force, or ``None`` to never drop. ``trace_result_bytes``:
+    results whose reply is larger are recorded by size only (replay cannot answer them).
     """
 
     def __init__(self, validator: Policy | None = None, trace: str | os.PathLike[str] | None = None,
                  *, replay: str | os.PathLike[str] | None = None, prespawn: int = 2,
                  max_workers_per_tool: int = 2, worker_user: str | int | None = "auto",
-                 watchdog_interval_s: float = 0.05) -> None:
+                 watchdog_interval_s: float = 0.05,
+                 trace_result_bytes: int = 1024 * 1024) -> None:
         from failcore import presets
         from failcore._trace import TraceWriter
 
@@ -182,6 +184,7 @@ class Session:
         self._replay = Replayer(os.fspath(replay)) if replay is not None else None
         self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else _NoTrace()
         self._tracing = trace is not None
+        self._trace_result_bytes = trace_result_bytes
         from failcore import __version__
 
         self._trace.record("session.start", None, {
@@ -449,7 +452,15 @@ class Session:
             trace.record("validate.output", call_id, {"ok": False, "errors": err.errors})
             self._end(call_id, tool.name, "invalid_output", None, err, started, trace)
             raise
-        result = models.output_to_json(value) if self._tracing else None
+        result: Any = None
+        if self._tracing:
+            if outcome.recv_bytes > self._trace_result_bytes:
+                # The trace is not a blob store: a huge result would cost the parent
+                # several times its size to encode and bloat every copy of the trace.
+                result = {"$omitted": "result larger than trace_result_bytes",
+                          "reply_bytes": outcome.recv_bytes}
+            else:
+                result = models.output_to_json(value)
         self._end(call_id, tool.name, "ok", result, None, started, trace)
         return value
 

@@ -394,3 +394,21 @@ def test_report_counts_match_the_trace(recorded: Path, tmp_path: Path,
     assert counts["status"] == dict(status)
     assert counts["blocked"] == expected["blocked"] == 2
     assert counts["blocked_precheck"] == 1 and counts["blocked_worker"] == 1
+
+
+def test_large_results_are_recorded_by_size_and_not_replayed(tmp_path: Path) -> None:
+    from failcore import ReplayMismatch
+
+    path = tmp_path / "trace.jsonl"
+    with Session(trace=path, trace_result_bytes=10_000) as session:
+        session.register("big", lambda: "x" * 50_000, ToolMetadata())
+        session.register("small", lambda: "y", ToolMetadata())
+        assert session.call("big") == "x" * 50_000
+        assert session.call("small") == "y"
+    assert path.stat().st_size < 20_000, "the big result is not in the trace"
+    ends = [r["body"] for r in read_trace(path) if r["kind"] == "call.end"]
+    assert ends[0]["result"]["$omitted"] and ends[0]["result"]["reply_bytes"] > 50_000
+    assert ends[1]["result"] == "y"
+    with Session(replay=path) as replay:
+        with pytest.raises(ReplayMismatch, match="trace_result_bytes"):
+            replay.call("big")
