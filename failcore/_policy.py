@@ -231,12 +231,22 @@ class Policy:
     # -- judging operations ------------------------------------------------------------
 
     def _enforcing(self, grants: Grants) -> Grants:
-        return dataclasses.replace(
+        # Called on every pre-check with the same few Grants objects (one per tool):
+        # remember the result by identity instead of rebuilding it (~6 us) each call.
+        cache: dict[int, tuple[Grants, Grants]] = self.__dict__.setdefault("_enforced", {})
+        hit = cache.get(id(grants))
+        if hit is not None and hit[0] is grants:
+            return hit[1]
+        enforced = dataclasses.replace(
             grants,
             block_ranges=grants.block_ranges or self.block_ranges,
             fs_root=grants.fs_root or self.fs_root,
             deny_exec=grants.deny_exec or self.deny_exec,
         )
+        if len(cache) > 256:
+            cache.clear()
+        cache[id(grants)] = (grants, enforced)
+        return enforced
 
     def _relaxed(self, grants: Grants) -> Grants:
         return dataclasses.replace(grants, block_ranges=False, fs_root=None, deny_exec=False)

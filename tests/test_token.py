@@ -109,3 +109,17 @@ def test_token_and_key_in_trace(tmp_path) -> None:  # type: ignore[no-untyped-de
     assert registered["grants"]["fs"][0]["path"] == str(tmp_path)
     digest = hashlib.sha256(protocol.canonical_json(registered["grants"])).hexdigest()
     assert digest == registered["grants_sha256"], "the digest names exactly the recorded grants"
+
+
+def test_token_header_is_canonical_json() -> None:
+    import json
+
+    from failcore._token import TokenMinter
+    from worker.rules import Grants
+
+    parts = ToolGrants.build(Grants(), {"timeout_s": 1})
+    token, _mac = TokenMinter().mint('c"1\\', "to\u00e9l", parts, 5)
+    header, _g, _l = protocol.split_token(token)
+    assert token.split(b"\n")[0] == protocol.canonical_json(header)
+    assert header["call_id"] == 'c"1\\' and header["tool"] == "to\u00e9l"
+    assert json.loads(token.split(b"\n")[1]) == Grants().to_wire()
