@@ -9,6 +9,14 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from hypothesis import settings
+
+# No per-example deadline: the machines are shared and noisy, and a slow example is not a
+# wrong one (pytest-timeout still bounds every test). In CI, derandomised: a run that
+# fails fails again on a rerun.
+settings.register_profile("failcore", deadline=None, print_blob=True)
+settings.register_profile("ci", parent=settings.get_profile("failcore"), derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "failcore")
 
 
 def in_private_netns() -> bool:
