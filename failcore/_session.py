@@ -14,22 +14,18 @@ import functools
 import itertools
 import os
 import pickle
-import re
 import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
-import types
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
-import cloudpickle
-
 from failcore import _dispatch
-from failcore._capabilities import Capability, parse_capabilities
+from failcore._capabilities import parse_capabilities
 from failcore._dispatch import Outcome
 from failcore._errors import (
     FailCoreError,
@@ -39,114 +35,33 @@ from failcore._errors import (
     SecurityError,
     ToolFailed,
 )
-from failcore._metadata import DefaultPolicy, RiskLevel, SideEffect, ToolMetadata
+from failcore._metadata import DefaultPolicy, ToolMetadata
 from failcore._policy import Policy
 from failcore._privilege import plan as privilege_plan
+from failcore._recording import NoTrace, ScrubbingTrace
 from failcore._replay import Replayer
 from failcore._token import TokenMinter, ToolGrants
-from failcore._validation import ToolModels, build_models
+from failcore._tool import (
+    TOOL_NAME,
+    Tool,
+    check_invariants,
+    restore_source,
+    secret_values,
+    ship,
+)
+from failcore._validation import build_models
 from failcore._watchdog import Watchdog
 from failcore._workers import Pool, Worker, descendants
 from failcore._zygote import MINIMAL_ENV, Zygote
 from worker import protocol
 from worker.rules import GuardEvent
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 _SYSTEM_READ = (
     "/etc/ssl", "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates",
     "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
     "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo",
     "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero",
 )
-
-
-class _NoTrace:
-    def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
-               plain: bool = False) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-# Secret values shorter than this are not scrubbed from trace text (they would match
-# everywhere); they are still never written where they are arguments.
-_MIN_SECRET = 4
-
-
-class _ScrubbingTrace:
-    """Writes through to the trace with every secret value replaced by ``<secret>``,
-    wherever it appears: error messages, guard events, pre-check findings, results."""
-
-    def __init__(self, trace: Any, hidden: list[str]) -> None:
-        self._trace = trace
-        self._hidden = hidden
-
-    def _scrub(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in self._hidden:
-                if secret in value:
-                    value = value.replace(secret, "<secret>")
-            return value
-        if isinstance(value, dict):
-            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self._scrub(v) for v in value]
-        return value
-
-    def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
-               plain: bool = False) -> Any:
-        from failcore._validation import to_jsonable
-
-        return self._trace.record(kind, call_id, self._scrub(to_jsonable(body)))
-
-
-class _Tool:
-    def __init__(self, name: str, fn: Callable[..., Any], metadata: ToolMetadata,
-                 caps: tuple[Capability, ...], models: ToolModels, parts: ToolGrants,
-                 blob: bytes, env_names: tuple[str, ...]) -> None:
-        self.name = name
-        self.fn = fn
-        self.metadata = metadata
-        self.caps = caps
-        self.models = models
-        self.parts = parts
-        self.blob = blob
-        self.env_names = env_names
-        self.limits = metadata.limits
-        self.isolation = metadata.effective_isolation
-        grants = parts.grants
-        self.may_spawn = bool(grants.exec) or grants.default != "block"
-        self.cond = threading.Condition()
-        self.free: list[Worker] = []
-        self.count = 0
-
-
-def _by_value(fn: Callable[..., Any]) -> bytes:
-    """Pickle ``fn``; by value unless it lives in an installed package the worker can import."""
-    module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    origin = getattr(module, "__file__", None) or ""
-    installed = any(origin.startswith(p) for p in (sys.prefix, sys.base_prefix) if p)
-    if module is not None and installed:
-        return bytes(cloudpickle.dumps(fn))
-    # Annotations are the parent's business (validation happens here): shipping them would
-    # make the worker import what they name (pydantic, failcore's Secret...) for nothing.
-    if isinstance(fn, types.FunctionType) and fn.__annotations__:
-        clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
-                                   fn.__closure__)
-        clone.__kwdefaults__ = fn.__kwdefaults__
-        clone.__qualname__ = fn.__qualname__
-        clone.__module__ = fn.__module__
-        clone.__doc__ = fn.__doc__
-        clone.__dict__.update(fn.__dict__)
-        fn = clone
-    if module is None or module.__name__ == "__main__":
-        return bytes(cloudpickle.dumps(fn))
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        return bytes(cloudpickle.dumps(fn))
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
 
 
 class Session:
@@ -173,7 +88,7 @@ class Session:
         if prespawn < 0 or max_workers_per_tool < 1:
             raise ValueError("prespawn must be >= 0 and max_workers_per_tool >= 1")
         self.policy: Policy = validator if validator is not None else presets.allow_all()
-        self._tools: dict[str, _Tool] = {}
+        self._tools: dict[str, Tool] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._calls = 0
@@ -182,7 +97,7 @@ class Session:
         self._max_workers = max_workers_per_tool
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._replay = Replayer(os.fspath(replay)) if replay is not None else None
-        self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else _NoTrace()
+        self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else NoTrace()
         self._tracing = trace is not None
         self._trace_result_bytes = trace_result_bytes
         from failcore import __version__
@@ -257,7 +172,7 @@ class Session:
     def register(self, name: str, fn: Callable[..., Any],
                  metadata: ToolMetadata | None = None) -> Callable[..., Any]:
         """Register ``fn`` as tool ``name``; refuses metadata that breaks SPEC section 3."""
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
             raise RegistrationError(
                 f"tool name {name!r} is invalid: use letters, digits, '_', '.', '-' (max 64), "
                 "starting with a letter or '_'")
@@ -267,7 +182,7 @@ class Session:
         if not isinstance(metadata, ToolMetadata):
             raise RegistrationError(f"{name}: metadata must be a ToolMetadata, got {type(metadata).__name__}")
         caps = parse_capabilities(metadata.capabilities)
-        self._check_invariants(name, metadata, caps)
+        check_invariants(name, metadata, caps)
         models = build_models(name, fn, input_model=metadata.input_model,
                               output_model=metadata.output_model, secret=metadata.secret,
                               description=metadata.description)
@@ -275,7 +190,7 @@ class Session:
         granted, refused = self.policy.intersect(caps)
         parts = ToolGrants.build(grants, metadata.limits.to_wire())
         try:
-            blob = _by_value(fn)
+            blob = ship(fn)
         except Exception as exc:
             raise RegistrationError(f"{name}: the tool cannot be serialised for a worker: {exc}") from exc
         env_names = tuple(str(c).split(":", 1)[1] for c in granted if str(c).startswith("env:"))
@@ -284,7 +199,7 @@ class Session:
                 raise RegistrationError(f"{name}: the session is closed")
             if name in self._tools:
                 raise RegistrationError(f"tool {name!r} is already registered")
-            self._tools[name] = _Tool(name, fn, metadata, caps, models, parts, blob, env_names)
+            self._tools[name] = Tool(name, fn, metadata, caps, models, parts, blob, env_names)
         self._trace.record("tool.register", None, {
             "tool": name, "risk_level": metadata.risk_level.value,
             "side_effects": sorted(e.value for e in metadata.side_effects),
@@ -299,28 +214,6 @@ class Session:
                          "reason": v.reason, "action": v.action} for v in refused],
         })
         return fn
-
-    @staticmethod
-    def _check_invariants(name: str, md: ToolMetadata, caps: tuple[Capability, ...]) -> None:
-        policy = DefaultPolicy(md.default_policy)
-        if RiskLevel(md.risk_level) in (RiskLevel.HIGH, RiskLevel.CRITICAL) and policy is DefaultPolicy.ALLOW:
-            raise RegistrationError(
-                f"{name}: risk_level={md.risk_level.value} tools may not use "
-                "default_policy=ALLOW; use BLOCK (or WARN) and grant capabilities explicitly")
-        if md.effective_isolation not in ("tool", "call"):
-            raise RegistrationError(f"{name}: isolation must be 'tool' or 'call', got {md.isolation!r}")
-        declared = md.side_effects
-        covered = {SideEffect(c.side_effect) for c in caps}
-        for effect in sorted(declared - covered, key=lambda e: e.value):
-            raise RegistrationError(
-                f"{name}: declares side effect {effect.value} but no capability grants it; add "
-                f"e.g. {_EXAMPLE[effect]} or remove the side effect")
-        for cap in caps:
-            if SideEffect(cap.side_effect) not in declared:
-                raise RegistrationError(
-                    f"{name}: capability {cap} is outside the declared side effects "
-                    f"({', '.join(sorted(e.value for e in declared)) or 'NONE'}); declare "
-                    f"SideEffect.{SideEffect(cap.side_effect).value} or drop the capability")
 
     def tool(self, name: str | None = None, *, metadata: ToolMetadata | None = None,
              **fields: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -387,11 +280,11 @@ class Session:
             "tool": tool, "status": status, "result": result, "error": error,
             "duration_ms": round((time.monotonic() - started) * 1000, 3)}, plain=True)
 
-    def _run(self, tool: _Tool, call_id: str, kwargs: dict[str, Any]) -> Any:
+    def _run(self, tool: Tool, call_id: str, kwargs: dict[str, Any]) -> Any:
         started = time.monotonic()
         models = tool.models
-        hidden = self._secret_values(tool, kwargs)
-        trace = _ScrubbingTrace(self._trace, hidden) if hidden else self._trace
+        hidden = secret_values(tool, kwargs)
+        trace = ScrubbingTrace(self._trace, hidden) if hidden else self._trace
         trace.record("call.start", call_id, {"tool": tool.name, "args": models.redact(kwargs)},
                      plain=True)
         try:
@@ -443,7 +336,7 @@ class Session:
             trace.record("guard", call_id, dict(event))
         if outcome.error is not None:
             if isinstance(outcome.error, ToolFailed):
-                _restore_source(outcome.error, tool.fn)
+                restore_source(outcome.error, tool.fn)
             self._end(call_id, tool.name, outcome.status, None, outcome.error, started, trace)
             raise outcome.error
         try:
@@ -464,28 +357,7 @@ class Session:
         self._end(call_id, tool.name, "ok", result, None, started, trace)
         return value
 
-    @staticmethod
-    def _secret_values(tool: _Tool, kwargs: dict[str, Any]) -> list[str]:
-        """Values that must never reach the trace: secret arguments, granted env values."""
-        hidden: list[str] = []
-        for name in tool.models.secret_fields:
-            value = kwargs.get(name)
-            if isinstance(value, bytes):
-                value = value.decode("utf-8", "replace")
-            if isinstance(value, str) and len(value) >= _MIN_SECRET:
-                hidden.append(value)
-                # A secret used as a path shows up resolved ("../x" as "/cwd/x"): hide its
-                # components too.
-                hidden.extend(p for p in re.split(r"[/\\]", value) if len(p) >= _MIN_SECRET)
-        for pattern in tool.env_names:
-            prefix = pattern[:-1] if pattern.endswith("*") else None
-            for key, value in os.environ.items():
-                if (key.startswith(prefix) if prefix is not None else key == pattern) \
-                        and len(value) >= _MIN_SECRET:
-                    hidden.append(value)
-        return sorted(set(hidden), key=len, reverse=True)
-
-    def _dispatch(self, tool: _Tool, call_id: str, call_frame: bytes) -> Outcome:
+    def _dispatch(self, tool: Tool, call_id: str, call_frame: bytes) -> Outcome:
         outcome = self._dispatch_once(tool, call_id, call_frame)
         for _ in range(3):
             if outcome.status != "undelivered":
@@ -499,7 +371,7 @@ class Session:
             outcome.status = "crashed"
         return outcome
 
-    def _dispatch_once(self, tool: _Tool, call_id: str, call_frame: bytes) -> Outcome:
+    def _dispatch_once(self, tool: Tool, call_id: str, call_frame: bytes) -> Outcome:
         assert self._pool is not None
         worker, needs_init = self._acquire(tool)
         reuse = False
@@ -528,7 +400,7 @@ class Session:
             self._release(tool, worker, reuse)
         return outcome
 
-    def _acquire(self, tool: _Tool) -> tuple[Worker, bool]:
+    def _acquire(self, tool: Tool) -> tuple[Worker, bool]:
         assert self._pool is not None
         if tool.isolation == "call":
             ready = self._pool.take_ready(tool.name)
@@ -557,7 +429,7 @@ class Session:
         worker.isolation = "tool"
         return worker, True
 
-    def _release(self, tool: _Tool, worker: Worker, reuse: bool) -> None:
+    def _release(self, tool: Tool, worker: Worker, reuse: bool) -> None:
         assert self._pool is not None
         if tool.isolation == "call":
             self._pool.retire(worker)
@@ -577,10 +449,10 @@ class Session:
                 self._pool.retire(worker)
             tool.cond.notify()
 
-    def _init_frame(self, tool: _Tool, worker: Worker) -> bytes:
+    def _init_frame(self, tool: Tool, worker: Worker) -> bytes:
         return protocol.encode("init", self._init_body(tool, worker))
 
-    def _init_body(self, tool: _Tool, worker: Worker) -> dict[str, Any]:
+    def _init_body(self, tool: Tool, worker: Worker) -> dict[str, Any]:
         env = dict(MINIMAL_ENV, HOME=worker.base_dir, TMPDIR=worker.base_dir)
         for pattern in tool.env_names:
             if pattern.endswith("*"):
@@ -614,33 +486,3 @@ class Session:
         return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
 
 
-_EXAMPLE = {
-    SideEffect.NETWORK: "net:connect:api.example.com:443",
-    SideEffect.FILESYSTEM: "fs:read:/srv/data",
-    SideEffect.PROCESS: "proc:exec:/usr/bin/git",
-    SideEffect.ENVIRONMENT: "env:API_TOKEN",
-}
-
-
-_DYNAMIC_FRAME = re.compile(r'File "<dynamic-code>", line (\d+), in (\S+)\n')
-
-
-def _restore_source(err: ToolFailed, fn: Callable[..., Any]) -> None:
-    """Put the tool's file name and source lines back into a remote traceback.
-
-    Tools pickled by value arrive with ``<dynamic-code>`` as their file name; the parent
-    still knows where the code came from.
-    """
-    import linecache
-
-    code = getattr(fn, "__code__", None)
-    filename = code.co_filename if code is not None else None
-    if not filename or "<dynamic-code>" not in err.remote_traceback:
-        return
-
-    def fix(match: re.Match[str]) -> str:
-        line = linecache.getline(filename, int(match.group(1))).strip()
-        text = f'File "{filename}", line {match.group(1)}, in {match.group(2)}\n'
-        return text + (f"    {line}\n" if line else "")
-
-    err.remote_traceback = _DYNAMIC_FRAME.sub(fix, err.remote_traceback)

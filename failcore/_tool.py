@@ -1,0 +1,156 @@
+"""A registered tool: its function as shipped to workers, models, grants, invariants.
+
+Registration is where mistakes are cheap: metadata that breaks SPEC section 3 is refused
+here, and the function is serialised once (by value where the worker could not import it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from failcore._capabilities import Capability
+from failcore._errors import RegistrationError, ToolFailed
+from failcore._metadata import DefaultPolicy, RiskLevel, SideEffect, ToolMetadata
+from failcore._token import ToolGrants
+from failcore._validation import ToolModels
+from failcore._workers import Worker
+
+TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+
+# Secret values shorter than this are not scrubbed from trace text (they would match
+# everywhere); they are still never written where they are arguments.
+_MIN_SECRET = 4
+
+
+class Tool:
+    """A registered tool. ``free``/``count`` (under ``cond``) are its warm workers: idle
+    ones, and how many exist; ``may_spawn`` says whether its calls can start processes
+    (then a warm worker's descendants are killed after each call)."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], metadata: ToolMetadata,
+                 caps: tuple[Capability, ...], models: ToolModels, parts: ToolGrants,
+                 blob: bytes, env_names: tuple[str, ...]) -> None:
+        self.name = name
+        self.fn = fn
+        self.metadata = metadata
+        self.caps = caps
+        self.models = models
+        self.parts = parts
+        self.blob = blob
+        self.env_names = env_names
+        self.limits = metadata.limits
+        self.isolation = metadata.effective_isolation
+        grants = parts.grants
+        self.may_spawn = bool(grants.exec) or grants.default != "block"
+        self.cond = threading.Condition()
+        self.free: list[Worker] = []
+        self.count = 0
+
+
+def ship(fn: Callable[..., Any]) -> bytes:
+    """Pickle ``fn``; by value unless it lives in an installed package the worker can import."""
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    origin = getattr(module, "__file__", None) or ""
+    installed = any(origin.startswith(p) for p in (sys.prefix, sys.base_prefix) if p)
+    if module is not None and installed:
+        return bytes(cloudpickle.dumps(fn))
+    # Annotations are the parent's business (validation happens here): shipping them would
+    # make the worker import what they name (pydantic, failcore's Secret...) for nothing.
+    if isinstance(fn, types.FunctionType) and fn.__annotations__:
+        clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                                   fn.__closure__)
+        clone.__kwdefaults__ = fn.__kwdefaults__
+        clone.__qualname__ = fn.__qualname__
+        clone.__module__ = fn.__module__
+        clone.__doc__ = fn.__doc__
+        clone.__dict__.update(fn.__dict__)
+        fn = clone
+    if module is None or module.__name__ == "__main__":
+        return bytes(cloudpickle.dumps(fn))
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        return bytes(cloudpickle.dumps(fn))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+def check_invariants(name: str, md: ToolMetadata, caps: tuple[Capability, ...]) -> None:
+    policy = DefaultPolicy(md.default_policy)
+    if RiskLevel(md.risk_level) in (RiskLevel.HIGH, RiskLevel.CRITICAL) and policy is DefaultPolicy.ALLOW:
+        raise RegistrationError(
+            f"{name}: risk_level={md.risk_level.value} tools may not use "
+            "default_policy=ALLOW; use BLOCK (or WARN) and grant capabilities explicitly")
+    if md.effective_isolation not in ("tool", "call"):
+        raise RegistrationError(f"{name}: isolation must be 'tool' or 'call', got {md.isolation!r}")
+    declared = md.side_effects
+    covered = {SideEffect(c.side_effect) for c in caps}
+    for effect in sorted(declared - covered, key=lambda e: e.value):
+        raise RegistrationError(
+            f"{name}: declares side effect {effect.value} but no capability grants it; add "
+            f"e.g. {_EXAMPLE[effect]} or remove the side effect")
+    for cap in caps:
+        if SideEffect(cap.side_effect) not in declared:
+            raise RegistrationError(
+                f"{name}: capability {cap} is outside the declared side effects "
+                f"({', '.join(sorted(e.value for e in declared)) or 'NONE'}); declare "
+                f"SideEffect.{SideEffect(cap.side_effect).value} or drop the capability")
+
+
+def secret_values(tool: Tool, kwargs: dict[str, Any]) -> list[str]:
+    """Values that must never reach the trace: secret arguments, granted env values."""
+    hidden: list[str] = []
+    for name in tool.models.secret_fields:
+        value = kwargs.get(name)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and len(value) >= _MIN_SECRET:
+            hidden.append(value)
+            # A secret used as a path shows up resolved ("../x" as "/cwd/x"): hide its
+            # components too.
+            hidden.extend(p for p in re.split(r"[/\\]", value) if len(p) >= _MIN_SECRET)
+    for pattern in tool.env_names:
+        prefix = pattern[:-1] if pattern.endswith("*") else None
+        for key, value in os.environ.items():
+            if (key.startswith(prefix) if prefix is not None else key == pattern) \
+                    and len(value) >= _MIN_SECRET:
+                hidden.append(value)
+    return sorted(set(hidden), key=len, reverse=True)
+
+_EXAMPLE = {
+    SideEffect.NETWORK: "net:connect:api.example.com:443",
+    SideEffect.FILESYSTEM: "fs:read:/srv/data",
+    SideEffect.PROCESS: "proc:exec:/usr/bin/git",
+    SideEffect.ENVIRONMENT: "env:API_TOKEN",
+}
+
+
+_DYNAMIC_FRAME = re.compile(r'File "<dynamic-code>", line (\d+), in (\S+)\n')
+
+
+def restore_source(err: ToolFailed, fn: Callable[..., Any]) -> None:
+    """Put the tool's file name and source lines back into a remote traceback.
+
+    Tools pickled by value arrive with ``<dynamic-code>`` as their file name; the parent
+    still knows where the code came from.
+    """
+    import linecache
+
+    code = getattr(fn, "__code__", None)
+    filename = code.co_filename if code is not None else None
+    if not filename or "<dynamic-code>" not in err.remote_traceback:
+        return
+
+    def fix(match: re.Match[str]) -> str:
+        line = linecache.getline(filename, int(match.group(1))).strip()
+        text = f'File "{filename}", line {match.group(1)}, in {match.group(2)}\n'
+        return text + (f"    {line}\n" if line else "")
+
+    err.remote_traceback = _DYNAMIC_FRAME.sub(fix, err.remote_traceback)
