@@ -13,6 +13,7 @@ __version__ = "0.2.0"
 from failcore import presets
 from failcore._capabilities import Capability, parse_capability
 from failcore._errors import (
+    CallCancelled,
     FailCoreError,
     InputValidationError,
     OutputValidationError,
@@ -31,6 +32,7 @@ from failcore._session import Session
 from failcore._validation import Secret
 
 __all__ = [
+    "CallCancelled",
     "Capability",
     "DefaultPolicy",
     "FailCoreError",

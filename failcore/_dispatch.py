@@ -16,6 +16,7 @@ from typing import Any
 
 from failcore import _wire
 from failcore._errors import (
+    CallCancelled,
     FailCoreError,
     OutputValidationError,
     ResourceLimitExceeded,
@@ -127,6 +128,9 @@ def _lost(pool: Pool, worker: Worker, tool: str, deadline: float) -> Outcome:
     reason = worker.kill_reason
     worker.kill(reason or "crashed")
     status = pool.wait_status(worker, 2.0)
+    if reason == "cancelled":
+        return Outcome(status="cancelled", reuse=False, error=CallCancelled(
+            f"{tool}: the call was cancelled by its caller; the worker's tree was killed"))
     if reason == "processes":
         return Outcome(status="resource", reuse=False, error=ResourceLimitExceeded(
             f"{tool}: the watchdog killed the worker: {worker.kill_detail}; raise "

@@ -44,6 +44,11 @@ class ToolTimeout(FailCoreError):
     """The tool ran past ``Limits.timeout_s``; its whole process tree was killed."""
 
 
+class CallCancelled(FailCoreError):
+    """The caller cancelled the call (an ``acall`` task was cancelled); the worker's tree
+    was killed so the tool does not run on unobserved."""
+
+
 class ResourceLimitExceeded(FailCoreError):
     """The tool hit a resource limit (memory, CPU, file size, open files, output size)."""
 

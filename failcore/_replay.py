@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from failcore._errors import (
+    CallCancelled,
     FailCoreError,
     InputValidationError,
     OutputValidationError,
@@ -22,7 +23,7 @@ from failcore._errors import (
 _ERRORS: dict[str, type[FailCoreError]] = {
     "blocked": SecurityError, "invalid_input": InputValidationError,
     "invalid_output": OutputValidationError, "timeout": ToolTimeout, "crashed": WorkerCrashed,
-    "resource": ResourceLimitExceeded, "failed": ToolFailed,
+    "resource": ResourceLimitExceeded, "failed": ToolFailed, "cancelled": CallCancelled,
 }
 
 

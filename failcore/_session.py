@@ -28,6 +28,7 @@ from failcore import _dispatch
 from failcore._capabilities import parse_capabilities
 from failcore._dispatch import Outcome
 from failcore._errors import (
+    CallCancelled,
     FailCoreError,
     InputValidationError,
     OutputValidationError,
@@ -64,6 +65,31 @@ _SYSTEM_READ = (
 )
 
 
+class _CallHandle:
+    """Links an ``acall`` to the worker serving it, so cancelling can kill that worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._worker: Worker | None = None
+        self._cancelled = False
+
+    def attach(self, worker: Worker) -> bool:
+        with self._lock:
+            self._worker = worker
+            return not self._cancelled
+
+    def detach(self) -> None:
+        with self._lock:
+            self._worker = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            worker = self._worker
+        if worker is not None:
+            worker.kill("cancelled")
+
+
 class Session:
     """Runs registered tools in locked-down workers. Thread-safe; use as a context manager.
 
@@ -94,6 +120,7 @@ class Session:
         self._calls = 0
         self._workers_named = 0
         self._closed = False
+        self._local = threading.local()
         self._max_workers = max_workers_per_tool
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._replay = Replayer(os.fspath(replay)) if replay is not None else None
@@ -258,14 +285,32 @@ class Session:
         return self._run(tool, call_id, kwargs)
 
     async def acall(self, name: str, /, **kwargs: Any) -> Any:
-        """Async twin of ``call``: runs it on the session's thread pool."""
+        """Async twin of ``call``: runs it on the session's thread pool.
+
+        Cancelling the awaiting task (``asyncio.wait_for`` timing out, a task group
+        failing) kills the worker's process tree at once: the tool does not run on
+        unobserved. The trace records the call as ``cancelled``.
+        """
         if self._executor is None:
             with self._lock:
                 if self._executor is None:
                     self._executor = concurrent.futures.ThreadPoolExecutor(
                         max_workers=64, thread_name_prefix="failcore-acall")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(self.call, name, **kwargs))
+        handle = _CallHandle()
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(self._call_with, handle, name, kwargs))
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+
+    def _call_with(self, handle: _CallHandle, name: str, kwargs: dict[str, Any]) -> Any:
+        self._local.handle = handle
+        try:
+            return self.call(name, **kwargs)
+        finally:
+            self._local.handle = None
 
     def _end(self, call_id: str, tool: str, status: str, result: Any, err: BaseException | None,
              started: float, trace: Any = None) -> None:
@@ -375,7 +420,12 @@ class Session:
         assert self._pool is not None
         worker, needs_init = self._acquire(tool)
         reuse = False
+        handle: _CallHandle | None = getattr(self._local, "handle", None)
         try:
+            if handle is not None and not handle.attach(worker):
+                reuse = True  # cancelled before the request was sent: the worker is untouched
+                return Outcome(status="cancelled", error=CallCancelled(
+                    f"{tool.name}: the call was cancelled by its caller before it started"))
             frames = [call_frame]
             if needs_init or tool.isolation == "call":
                 with self._lock:  # named in call order, so equal runs give equal traces
@@ -397,6 +447,8 @@ class Session:
                 self._trace.record("worker.kill", call_id, {
                     "worker": worker.name, "reason": worker.kill_reason, "pid": worker.pid})
         finally:
+            if handle is not None:
+                handle.detach()
             self._release(tool, worker, reuse)
         return outcome
 

@@ -33,7 +33,7 @@ Action = Literal["allow", "warn", "block"]
 Isolation = Literal["tool", "call"]
 CallStatus = Literal[
     "ok", "blocked", "invalid_input", "invalid_output", "timeout", "crashed", "resource",
-    "failed", "replayed",
+    "failed", "replayed", "cancelled",
 ]
 
 

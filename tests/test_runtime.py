@@ -359,3 +359,37 @@ def test_workers_exit_when_the_parent_dies(tmp_path) -> None:  # type: ignore[no
             proc.kill()
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_cancelling_an_acall_kills_the_worker_tree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from failcore import CallCancelled
+    from failcore._trace import read_trace
+
+    marker = tmp_path / "still-running"
+
+    def slow(path: str) -> str:
+        import time
+
+        time.sleep(1.5)
+        open(path, "w").close()  # must never happen: the call was cancelled
+        return "done"
+
+    trace = tmp_path / "t.jsonl"
+    with Session(trace=str(trace)) as session:
+        session.register("slow", slow, ToolMetadata(
+            isolation="call", side_effect=SideEffect.FILESYSTEM,
+            capabilities=[f"fs:write:{tmp_path}"], limits=Limits(timeout_s=30)))
+
+        async def main() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(session.acall("slow", path=str(marker)), 0.3)
+
+        started = time.monotonic()
+        asyncio.run(main())
+        time.sleep(2.0)
+        assert not marker.exists(), "the cancelled tool kept running"
+        assert time.monotonic() - started < 10
+        session.register("add", add)
+        assert session.call("add", a=1, b=1) == 2
+    ends = [r["body"] for r in read_trace(str(trace)) if r["kind"] == "call.end"]
+    assert ends[0]["status"] == "cancelled" and ends[0]["error"]["type"] == CallCancelled.__name__
