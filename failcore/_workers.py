@@ -111,11 +111,11 @@ class Pool:
         self._thread.start()
         self._refill.set()
 
-    def _new(self) -> Worker:
+    def _new(self, warm_up: bool = True) -> Worker:
         base = tempfile.mkdtemp(prefix="w", dir=self._root)
         if self._uid is not None:
             os.chown(base, self._uid, -1)
-        pid, chan = self._fork()
+        pid, chan = self._fork(warm_up)
         with self._lock:
             self._counter += 1
             worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}")
@@ -123,16 +123,16 @@ class Pool:
             self._all.add(worker)
         return worker
 
-    def _fork(self) -> tuple[int, socket.socket]:
+    def _fork(self, warm_up: bool = True) -> tuple[int, socket.socket]:
         """Fork through the zygote; if it died (killed from outside, OOM), start a new one."""
         zygote = self.zygote
         try:
-            return zygote.fork()
+            return zygote.fork(warm_up)
         except WorkerCrashed:
             if zygote.proc.poll() is None or self._closed:
                 raise
         self._replace_zygote(zygote)
-        return self.zygote.fork()
+        return self.zygote.fork(warm_up)
 
     def replace_dead_zygote(self) -> None:
         """If the zygote died, start a new one and drop the workers it had forked (they
@@ -171,7 +171,7 @@ class Pool:
                 if job is None:
                     break
                 try:
-                    worker = self._new()
+                    worker = self._new(warm_up=not job)
                     if job:
                         worker.chan.sendall(self._builders[job](worker))
                 except Exception:  # noqa: BLE001 - surfaced by the next take()

@@ -81,14 +81,14 @@ class Zygote:
                         del self._exited[next(iter(self._exited))]
                 self._cond.notify_all()
 
-    def fork(self) -> tuple[int, socket.socket]:
+    def fork(self, warm_up: bool = True) -> tuple[int, socket.socket]:
         """A new worker process (waiting for ``init``) and the parent end of its channel."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with self._lock:
             self._next += 1
             wid = self._next
             try:
-                socket.send_fds(self._ctl, [pickle.dumps(("fork", wid))], [theirs.fileno()])
+                socket.send_fds(self._ctl, [pickle.dumps(("fork", wid, warm_up))], [theirs.fileno()])
             except OSError as exc:
                 ours.close()
                 raise WorkerCrashed(f"the worker zygote is gone: {self.log_tail()}") from exc

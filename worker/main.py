@@ -305,10 +305,15 @@ def _rehearse(state: _State) -> None:
     protocol.encode("result", {"value": None, "events": [], "retire": False})
 
 
-def serve(chan: socket.socket) -> None:
-    """Answer requests until the parent closes the channel or says exit."""
+def serve(chan: socket.socket, warm_up: bool = True) -> None:
+    """Answer requests until the parent closes the channel or says exit.
+
+    ``warm_up``: touch the call path while idle; pointless (CPU only) for a worker whose
+    ``init`` follows at once, since it rehearses after lock-down anyway.
+    """
     state = _State()
-    _warm_up()
+    if warm_up:
+        _warm_up()
     while True:
         try:
             kind, body = protocol.decode(protocol.recv_frame(chan))

@@ -7,7 +7,8 @@ or file descriptors (the point of "spawn, never fork" is kept: nothing of the pa
 inherited).
 
 Control channel (SOCK_SEQPACKET, one message per packet, pickled tuples):
-  parent -> zygote: ("fork", worker_id) with the worker's channel fd attached (SCM_RIGHTS)
+  parent -> zygote: ("fork", worker_id, warm_up) with the worker's channel fd attached
+                    (SCM_RIGHTS); warm_up=False for a worker whose init follows at once
   zygote -> parent: ("forked", worker_id, pid) | ("exited", pid, wait_status)
 When the control channel closes (the parent exited or died), the zygote kills every
 worker it forked and exits. Workers get PR_SET_PDEATHSIG so they die with the zygote.
@@ -42,7 +43,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _child(ctl: socket.socket, chan_fd: int) -> None:
+def _child(ctl: socket.socket, chan_fd: int, warm_up: bool) -> None:
     try:
         ctl.close()
         os.setsid()
@@ -62,7 +63,7 @@ def _child(ctl: socket.socket, chan_fd: int) -> None:
         os.closerange(3, chan_fd)
         os.closerange(chan_fd + 1, 65536)
         chan = socket.socket(fileno=chan_fd)
-        main.serve(chan)
+        main.serve(chan, warm_up=warm_up)
     finally:
         os._exit(0)
 
@@ -169,7 +170,7 @@ def serve(ctl_fd: int, session_root: str | None = None) -> None:
             _shutdown(children)
         if not msg:
             _shutdown(children)
-        kind, worker_id = pickle.loads(msg)
+        kind, worker_id, warm_up = pickle.loads(msg)
         if kind != "fork" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -178,7 +179,7 @@ def serve(ctl_fd: int, session_root: str | None = None) -> None:
         if pid == 0:
             os.close(wake_r)
             os.close(wake_w)
-            _child(ctl, fds[0])
+            _child(ctl, fds[0], bool(warm_up))
         os.close(fds[0])
         children.add(pid)
         ctl.send(pickle.dumps(("forked", worker_id, pid)))
