@@ -150,7 +150,8 @@ class Session:
                 os.path.realpath(p) == r or os.path.realpath(p).startswith(r + os.sep)
                 for r in self._implicit_read)]
         try:
-            self._pool = Pool(self._root, prespawn, self.privilege.uid)
+            self._pool = Pool(self._root, prespawn, self.privilege.uid,
+                              tuple(self._implicit_read))
             self._watchdog = Watchdog(self._pool, watchdog_interval_s)
         except BaseException:
             self.close()

@@ -90,9 +90,11 @@ def kill_tree(pid: int) -> None:
 class Pool:
     """Forks workers through the zygote; keeps ``prespawn`` idle ones ready."""
 
-    def __init__(self, root: str, prespawn: int, uid: int | None) -> None:
+    def __init__(self, root: str, prespawn: int, uid: int | None,
+                 resolve: tuple[str, ...] = ()) -> None:
         self._zygote_lock = threading.Lock()
-        self.zygote = Zygote(os.path.join(root, "zygote.log"))
+        self._resolve = resolve
+        self.zygote = Zygote(os.path.join(root, "zygote.log"), resolve)
         self._root = root
         self._prespawn = prespawn
         self._uid = uid
@@ -145,7 +147,7 @@ class Pool:
         with self._zygote_lock:
             if self.zygote is zygote:
                 zygote.close()
-                self.zygote = Zygote(os.path.join(self._root, "zygote.log"))
+                self.zygote = Zygote(os.path.join(self._root, "zygote.log"), self._resolve)
             with self._lock:
                 stale = [w for w in self._idle]
                 self._idle.clear()

@@ -21,12 +21,12 @@ _WORKER_ROOT = str(Path(__file__).resolve().parent.parent)
 class Zygote:
     """A clean interpreter started with ``sys.executable -I`` that forks workers."""
 
-    def __init__(self, log_path: str) -> None:
+    def __init__(self, log_path: str, resolve: tuple[str, ...] = ()) -> None:
         ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = (
             f"import sys; sys.path.insert(0, {_WORKER_ROOT!r}); "
             f"from worker.zygote import serve; serve({child.fileno()}, "
-            f"{os.path.dirname(os.path.abspath(log_path))!r})"
+            f"{os.path.dirname(os.path.abspath(log_path))!r}, {tuple(resolve)!r})"
         )
         self._log_path = log_path
         with open(log_path, "wb") as log:

@@ -36,7 +36,7 @@ import urllib.request  # noqa: F401
 
 import cloudpickle  # noqa: F401
 
-from worker import _tree, guards, main  # noqa: F401
+from worker import _tree, guards, main, rules  # noqa: F401
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -138,11 +138,15 @@ def _shutdown(children: set[int]) -> None:
     os._exit(0)
 
 
-def serve(ctl_fd: int, session_root: str | None = None) -> None:
+def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...] = ()) -> None:
     # Preloaded objects never change; keep the collector from touching (and so copying)
     # their pages in every forked worker.
     global _session_root
     _session_root = session_root
+    # The implicit-read directories of every worker of this session, resolved once here
+    # and inherited by each fork (pinned before any tool code runs, as in the worker).
+    for path in resolve:
+        rules._resolve_base(path)
     gc.freeze()
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     ctl = socket.socket(fileno=ctl_fd)
