@@ -393,3 +393,14 @@ def test_cancelling_an_acall_kills_the_worker_tree(tmp_path) -> None:  # type: i
         assert session.call("add", a=1, b=1) == 2
     ends = [r["body"] for r in read_trace(str(trace)) if r["kind"] == "call.end"]
     assert ends[0]["status"] == "cancelled" and ends[0]["error"]["type"] == CallCancelled.__name__
+
+
+def test_timeout_cannot_be_set_from_tool_arguments(session: Session) -> None:
+    def sleepy(timeout_s: float, limits: dict) -> None:  # names an agent might try
+        time.sleep(30)
+
+    session.register("sleepy", sleepy, ToolMetadata(limits=Limits(timeout_s=0.5)))
+    started = time.monotonic()
+    with pytest.raises(ToolTimeout, match="timeout_s=0.5"):
+        session.call("sleepy", timeout_s=999.0, limits={"timeout_s": 999})
+    assert time.monotonic() - started < 10
