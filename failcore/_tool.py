@@ -132,25 +132,33 @@ _EXAMPLE = {
 }
 
 
-_DYNAMIC_FRAME = re.compile(r'File "<dynamic-code>", line (\d+), in (\S+)\n')
+_FRAME = re.compile(r'  File "([^"\n]+)", line (\d+), in ([^\n]+)\n')
 
 
 def restore_source(err: ToolFailed, fn: Callable[..., Any]) -> None:
-    """Put the tool's file name and source lines back into a remote traceback.
+    """Put source lines back into a remote traceback, for files the parent trusts.
 
-    Tools pickled by value arrive with ``<dynamic-code>`` as their file name; the parent
-    still knows where the code came from.
+    Workers send tracebacks without source (see ``worker.main.format_traceback``). The
+    parent adds lines only from the tool's own file (tools pickled by value arrive as
+    ``<dynamic-code>``: the parent still knows where the code came from) and from the
+    interpreter's trees; a frame naming any other file keeps no line, so a crafted code
+    object cannot copy a file into the trace.
     """
     import linecache
 
     code = getattr(fn, "__code__", None)
-    filename = code.co_filename if code is not None else None
-    if not filename or "<dynamic-code>" not in err.remote_traceback:
-        return
+    own = code.co_filename if code is not None else None
+    trusted = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix} if p)
 
     def fix(match: re.Match[str]) -> str:
-        line = linecache.getline(filename, int(match.group(1))).strip()
-        text = f'File "{filename}", line {match.group(1)}, in {match.group(2)}\n'
-        return text + (f"    {line}\n" if line else "")
+        filename, lineno, name = match.group(1), match.group(2), match.group(3)
+        if filename == "<dynamic-code>" and own:
+            filename = own
+        text = f'  File "{filename}", line {lineno}, in {name}\n'
+        if filename == own or os.path.realpath(filename).startswith(trusted):
+            line = linecache.getline(filename, int(lineno)).strip()
+            if line:
+                text += f"    {line}\n"
+        return text
 
-    err.remote_traceback = _DYNAMIC_FRAME.sub(fix, err.remote_traceback)
+    err.remote_traceback = _FRAME.sub(fix, err.remote_traceback)

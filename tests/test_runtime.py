@@ -404,3 +404,24 @@ def test_timeout_cannot_be_set_from_tool_arguments(session: Session) -> None:
     with pytest.raises(ToolTimeout, match="timeout_s=0.5"):
         session.call("sleepy", timeout_s=999.0, limits={"timeout_s": 999})
     assert time.monotonic() - started < 10
+
+
+def test_remote_traceback_cannot_copy_files_and_reads_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from failcore._trace import read_trace
+
+    def forged() -> None:
+        # A code object may name any file: formatting its traceback with source lines
+        # would copy that file's first lines into the error and the trace.
+        code = compile("\n\nraise ValueError('boom')", "/etc/passwd", "exec")
+        exec(code)
+
+    trace = tmp_path / "t.jsonl"
+    with Session(trace=str(trace)) as session:
+        session.register("forged", forged)
+        with pytest.raises(ToolFailed) as info:
+            session.call("forged")
+    text = info.value.remote_traceback
+    assert 'File "/etc/passwd", line 3' in text and "ValueError: boom" in text
+    assert "root:" not in text and "root:" not in trace.read_text()
+    guards = [r for r in read_trace(str(trace)) if r["kind"] == "guard"]
+    assert guards == [], f"formatting the traceback touched files: {guards}"

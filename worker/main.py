@@ -122,12 +122,42 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
     state.fn = cloudpickle.loads(body["tool_blob"])
 
 
+def format_traceback(exc: BaseException) -> str:
+    """A traceback *without source lines*: file, line number and function per frame.
+
+    Formatting source lines would read files in the worker: blocked by the guards, or,
+    worse, a way to copy any file into the trace (a code object can name any file as its
+    co_filename). The parent adds lines back for files it trusts (the tool's own source,
+    the interpreter's trees).
+    """
+    parts: list[str] = []
+
+    def emit(te: traceback.TracebackException) -> None:
+        if te.__cause__ is not None:
+            emit(te.__cause__)
+            parts.append("\nThe above exception was the direct cause of the following "
+                         "exception:\n\n")
+        elif te.__context__ is not None and not te.__suppress_context__:
+            emit(te.__context__)
+            parts.append("\nDuring handling of the above exception, another exception "
+                         "occurred:\n\n")
+        if te.stack:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(f'  File "{f.filename}", line {f.lineno}, in {f.name}\n'
+                         for f in te.stack)
+        parts.extend(te.format_exception_only())
+
+    emit(traceback.TracebackException(type(exc), exc, exc.__traceback__, lookup_lines=False,
+                                      limit=64))
+    return "".join(parts)
+
+
 def _error(kind: str, exc: BaseException | None, message: str = "", **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "kind": kind,
         "type": type(exc).__name__ if exc is not None else kind,
         "message": message or (str(exc) if exc is not None else ""),
-        "traceback": "".join(traceback.format_exception(exc)) if exc is not None else "",
+        "traceback": format_traceback(exc) if exc is not None else "",
         "events": [],
     }
     body.update(extra)
