@@ -436,6 +436,13 @@ class Session:
                     frames.insert(0, self._init_frame(tool, worker))
                 self._trace.record("worker.spawn", call_id, {
                     "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})
+                # The init message (key, grants, environment, the tool) by type and size
+                # only. For a worker prepared ahead it was sent then; when is not recorded,
+                # so that equal runs give equal traces whatever the pool's timing.
+                self._trace.record("ipc.send", call_id, {
+                    "type": "init", "worker": worker.name,
+                    "bytes": len(frames[0]) if needs_init else worker.extra.get("init_bytes", 0)},
+                    plain=True)
             self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(call_frame),
                                                      "worker": worker.name}, plain=True)
             outcome = _dispatch.exchange(self._pool, worker, tool.name, frames,

@@ -175,7 +175,9 @@ class Pool:
                 try:
                     worker = self._new(warm_up=not job)
                     if job:
-                        worker.chan.sendall(self._builders[job](worker))
+                        frame = self._builders[job](worker)
+                        worker.chan.sendall(frame)
+                        worker.extra["init_bytes"] = len(frame)
                 except Exception:  # noqa: BLE001 - surfaced by the next take()
                     break
                 with self._lock:
