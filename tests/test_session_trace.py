@@ -412,3 +412,28 @@ def test_large_results_are_recorded_by_size_and_not_replayed(tmp_path: Path) -> 
     with Session(replay=path) as replay:
         with pytest.raises(ReplayMismatch, match="trace_result_bytes"):
             replay.call("big")
+
+
+def _inc(x: int) -> int:
+    return x + 1
+
+
+def test_fresh_worker_traces_do_not_depend_on_pool_timing(tmp_path: Path) -> None:
+    """Fresh calls take a worker prepared ahead or one initialised on the spot, depending on
+    how fast the caller is; the trace must not show which."""
+    import time
+
+    from failcore._trace import strip_volatile
+
+    runs = []
+    for pause in (0.0, 0.05):
+        path = tmp_path / f"trace-{pause}.jsonl"
+        with Session(trace=path) as session:
+            session.register("inc", _inc, ToolMetadata(isolation="call"))
+            for i in range(6):
+                assert session.call("inc", x=i) == i + 1
+                time.sleep(pause)
+        runs.append([strip_volatile(r) for r in read_trace(path)])
+    assert runs[0] == runs[1]
+    sends = [r["body"]["type"] for r in runs[0] if r["kind"] == "ipc.send"]
+    assert sends == ["init", "call"] * 6, "every message across the boundary is recorded"
