@@ -11,7 +11,15 @@ from __future__ import annotations
 __version__ = "0.2.0"
 
 from failcore import presets
-from failcore._capabilities import Capability, parse_capability
+from failcore._capabilities import (
+    Capability,
+    Env,
+    FsRead,
+    FsWrite,
+    NetConnect,
+    ProcExec,
+    parse_capability,
+)
 from failcore._errors import (
     CallCancelled,
     FailCoreError,
@@ -32,6 +40,11 @@ from failcore._session import Session
 from failcore._validation import Secret
 
 __all__ = [
+    "ProcExec",
+    "NetConnect",
+    "FsWrite",
+    "FsRead",
+    "Env",
     "CallCancelled",
     "Capability",
     "DefaultPolicy",

@@ -183,3 +183,18 @@ def test_forced_drop_runs_the_worker_as_nobody() -> None:
         s.register("ids", lambda: (os.getuid(), os.geteuid(), os.getgid()), ToolMetadata())
         uid, euid, gid = s.call("ids")
     assert uid == euid == plan("nobody").uid and gid == plan("nobody").gid
+
+
+def test_capabilities_as_objects_register_like_strings() -> None:
+    from failcore import Env, FsRead, FsWrite, NetConnect, ProcExec
+
+    objects = [NetConnect("127.0.0.1", 80, 80), FsRead("/tmp"), FsWrite("/tmp/out"),
+               Env("FC_OBJ_TEST"), ProcExec("/bin/true")]
+    assert [str(o) for o in objects] == [
+        "net:connect:127.0.0.1:80", "fs:read:/tmp", "fs:write:/tmp/out", "env:FC_OBJ_TEST",
+        "proc:exec:/bin/true"]
+    with Session() as s:
+        s.register("objs", lambda: "ok", ToolMetadata(
+            side_effect=[SideEffect.NETWORK, SideEffect.FILESYSTEM, SideEffect.ENVIRONMENT,
+                         SideEffect.PROCESS], capabilities=objects))
+        assert s.call("objs") == "ok"
