@@ -545,7 +545,7 @@ class Session:
         paths.update(p for p in map(os.path.realpath, filter(None, sys.path))
                      if any(p == t or p.startswith(t + os.sep) for t in trees))
         paths.update(_SYSTEM_READ)
-        paths.add(os.path.dirname(os.path.abspath(protocol.__file__)))  # tracebacks read it
+        paths.add(os.path.dirname(os.path.abspath(protocol.__file__)))  # the worker package
         return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
 
 
