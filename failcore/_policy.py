@@ -39,7 +39,7 @@ from failcore._errors import PolicyError
 from failcore._metadata import DefaultPolicy
 from failcore._precheck import scan_arguments
 from worker import rules
-from worker.rules import Action, Grants, GuardEvent, Verdict
+from worker.rules import Action, Grants, GuardEvent, Verdict, under
 
 __all__ = ["Policy", "CapabilityVerdict", "load_policy", "load_policy_from", "check_policy_file"]
 
@@ -51,10 +51,6 @@ class CapabilityVerdict(Verdict):
     """A Verdict about one declared capability, carrying it so a trace can name it."""
 
     capability: str = ""
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _meet_all(a: Sequence[Capability], b: Sequence[Capability]) -> tuple[Capability, ...]:
@@ -119,9 +115,9 @@ class Policy:
     def _compose_one(self, other: Policy) -> Policy:
         root = self.fs_root
         if other.fs_root is not None:
-            if root is None or _under(other.fs_root, root):
+            if root is None or under(other.fs_root, root):
                 root = other.fs_root
-            elif not _under(root, other.fs_root):
+            elif not under(root, other.fs_root):
                 raise PolicyError(
                     f"cannot compose {self.name!r} and {other.name!r}: fs roots {root} and "
                     f"{other.fs_root} are disjoint, so no file could be granted; "

@@ -55,7 +55,7 @@ from failcore._watchdog import Watchdog
 from failcore._workers import Pool, Worker, descendants
 from failcore._zygote import MINIMAL_ENV, Zygote
 from worker import protocol
-from worker.rules import GuardEvent
+from worker.rules import GuardEvent, under
 
 _SYSTEM_READ = (
     "/etc/ssl", "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates",
@@ -63,6 +63,11 @@ _SYSTEM_READ = (
     "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo",
     "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero",
 )
+
+
+# Detail kept in call.end so replay can re-raise the same error: (record key, attribute).
+_ERROR_DETAIL = (("rule", "rule"), ("target", "target"), ("layer", "layer"),
+                 ("remote_type", "remote_type"), ("traceback", "remote_traceback"))
 
 
 class _CallHandle:
@@ -149,9 +154,8 @@ class Session:
         # Only entries the worker may read: an import that misses would otherwise list a
         # directory the guards refuse (and fail the call) even when the tool expects it.
         self._worker_sys_path = [
-            p for p in sys.path if p and any(
-                os.path.realpath(p) == r or os.path.realpath(p).startswith(r + os.sep)
-                for r in self._implicit_read)]
+            p for p in sys.path
+            if p and any(under(os.path.realpath(p), r) for r in self._implicit_read)]
         try:
             self._pool = Pool(self._root, prespawn, self.privilege.uid,
                               tuple(self._implicit_read))
@@ -321,8 +325,8 @@ class Session:
         error: dict[str, Any] | None = None
         if err is not None:
             error = {"type": type(err).__name__, "message": str(err)}
-            for key in ("rule", "target", "layer", "remote_type", "traceback"):
-                value = getattr(err, key if key != "traceback" else "remote_traceback", None)
+            for key, attr in _ERROR_DETAIL:
+                value = getattr(err, attr, None)
                 if value:
                     error[key] = value
         (trace or self._trace).record("call.end", call_id, {
@@ -543,7 +547,7 @@ class Session:
         trees = {os.path.realpath(p) for p in trees if p}
         paths = set(trees)
         paths.update(p for p in map(os.path.realpath, filter(None, sys.path))
-                     if any(p == t or p.startswith(t + os.sep) for t in trees))
+                     if any(under(p, t) for t in trees))
         paths.update(_SYSTEM_READ)
         paths.add(os.path.dirname(os.path.abspath(protocol.__file__)))  # the worker package
         return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))

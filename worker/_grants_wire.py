@@ -92,7 +92,7 @@ def _env_within(inner: str, outer: str) -> bool:
 def is_subset(small: rules.Grants, big: rules.Grants) -> bool:
     return (
         all(any(_net_within(r, o) for o in big.net) for r in small.net)
-        and all(any(rules._under(r.path, o.path) and (o.write or not r.write) for o in big.fs)
+        and all(any(rules.under(r.path, o.path) and (o.write or not r.write) for o in big.fs)
                 for r in small.fs)
         and set(small.exec) <= set(big.exec)
         and all(any(_env_within(e, o) for o in big.env) for e in small.env)
@@ -100,5 +100,5 @@ def is_subset(small: rules.Grants, big: rules.Grants) -> bool:
         and (small.block_ranges or not big.block_ranges)
         and (small.deny_exec or not big.deny_exec)
         and (big.fs_root is None or (small.fs_root is not None
-                                     and rules._under(small.fs_root, big.fs_root)))
+                                     and rules.under(small.fs_root, big.fs_root)))
     )

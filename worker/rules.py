@@ -338,7 +338,8 @@ def check_host(grants: Grants, host: str, port: int) -> Verdict:
 _resolve_base = lru_cache(maxsize=2048)(os.path.realpath)
 
 
-def _under(path: str, base: str) -> bool:
+def under(path: str, base: str) -> bool:
+    """True when ``path`` is ``base`` or below it (plain string test on resolved paths)."""
     return path == base or path.startswith(base if base.endswith("/") else base + "/")
 
 
@@ -373,19 +374,19 @@ def check_path(grants: Grants, path: str, write: bool, cwd: str | None = None,
 def check_resolved_path(grants: Grants, real: str, write: bool,
                         scratch: Sequence[str] = (), shown: str = "") -> Verdict:
     """``check_path`` for a path already resolved, with any number of scratch dirs."""
-    if not write and any(_under(real, _resolve_base(d)) for d in grants.implicit_read):
+    if not write and any(under(real, _resolve_base(d)) for d in grants.implicit_read):
         return Verdict("allow", RULE_IMPLICIT_READ, f"{real} is in a directory every worker reads")
-    if any(_under(real, _resolve_base(d)) for d in scratch):
+    if any(under(real, _resolve_base(d)) for d in scratch):
         return Verdict("allow", RULE_SCRATCH, f"{real} is in this call's scratch directory")
     verb, cap = ("writing", "write") if write else ("reading", "read")
     what = real if not shown or shown == real else f"{real} (from {shown})"
-    if grants.fs_root is not None and not _under(real, _resolve_base(grants.fs_root)):
+    if grants.fs_root is not None and not under(real, _resolve_base(grants.fs_root)):
         return Verdict("block", f"fs_safe: outside {grants.fs_root}",
                        f"{verb} {what} is outside the fs_safe root {grants.fs_root}; "
                        "move it under the root or widen fs_safe(root=...)")
     read_only: FsRule | None = None
     for rule in grants.fs:
-        if _under(real, _resolve_base(rule.path)):
+        if under(real, _resolve_base(rule.path)):
             if rule.write or not write:
                 source = rule.source or f"fs:{'write' if rule.write else 'read'}:{rule.path}"
                 return Verdict("allow", f"capability {source}", f"{verb} {what} is covered by {source}")
