@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks._failcore_bench import TOOL, Isolation, _session
-from worker import protocol
+from failcore_worker import protocol
 
 
 def _median_us(fn: Callable[[], object], n: int) -> float:
@@ -133,7 +133,7 @@ def worker_stages(n: int) -> dict[str, float]:
     """Median µs of the worker's steps for one call, in a forked, locked-down stand-in worker.
 
     The stand-in gets the init body a real worker gets (without the uid drop) and runs
-    ``worker.main._run_call`` and its parts; tokens are minted beforehand (each is single-use).
+    ``failcore_worker.main._run_call`` and its parts; tokens are minted beforehand (each is single-use).
     """
     import dataclasses
     import json
@@ -141,8 +141,8 @@ def worker_stages(n: int) -> dict[str, float]:
     import tempfile
     import types
 
-    from worker import guards
-    from worker import main as wmain
+    from failcore_worker import guards
+    from failcore_worker import main as wmain
 
     with _session("tool", traced=False) as (s, _trace):
         sess: Any = s
@@ -252,8 +252,8 @@ def _lockdown_child(body: dict[str, Any], token: bytes, mac: str) -> dict[str, f
 
     import cloudpickle
 
-    from worker import guards
-    from worker import main as wmain
+    from failcore_worker import guards
+    from failcore_worker import main as wmain
 
     os.environ.clear()  # as in a real worker: the zygote's minimal environment
     os.environ.update(body["env"])
@@ -275,7 +275,7 @@ def _lockdown_child(body: dict[str, Any], token: bytes, mac: str) -> dict[str, f
 
 
 def lockdown_stages(n: int) -> dict[str, float]:
-    """Median µs of the steps of ``worker.main.lock_down``, the rehearsal and the first call,
+    """Median µs of the steps of ``failcore_worker.main.lock_down``, the rehearsal and the first call,
     over ``n`` stand-in workers forked from this process (a real one is forked from the
     zygote, which has less memory to copy-on-write: its figures are a little lower)."""
     import json

@@ -10,7 +10,7 @@ other than what its author thought is worse than none.
 
 ``meet``/``covers`` are the pure set algebra the session policy uses to intersect a
 tool's capabilities with its allow and deny lists; ``to_rules`` converts to the
-``worker.rules`` types both enforcement layers judge with.
+``failcore_worker.rules`` types both enforcement layers judge with.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from failcore._errors import CapabilityError
 from failcore._metadata import SideEffect
-from worker.rules import FsRule, NetRule
+from failcore_worker.rules import FsRule, NetRule
 
 __all__ = [
     "Capability", "NetConnect", "FsRead", "FsWrite", "Env", "ProcExec",
@@ -344,7 +344,7 @@ def _parse_port(text: str, port: str) -> tuple[int, int]:
 def to_rules(
     caps: Iterable[str | Capability],
 ) -> tuple[tuple[NetRule, ...], tuple[FsRule, ...], tuple[str, ...], tuple[str, ...]]:
-    """Convert to ``(net rules, fs rules, exec programs, env names)`` for ``worker.rules.Grants``.
+    """Convert to ``(net rules, fs rules, exec programs, env names)`` for ``failcore_worker.rules.Grants``.
 
     Filesystem paths are resolved with ``os.path.realpath`` here, at conversion time, so
     a grant names the real directory the worker will see (symlinks followed once, by the

@@ -26,7 +26,7 @@ from failcore._errors import (
     WorkerCrashed,
 )
 from failcore._workers import Pool, Worker
-from worker import protocol
+from failcore_worker import protocol
 
 # Room for the reply envelope and guard events on top of the tool's own output limit.
 _ENVELOPE_BYTES = 256 * 1024

@@ -3,7 +3,7 @@
 A ``Policy`` is a named, composable set of rules (net_safe's range blocking, fs_safe's
 root, strict's exec ban, allow and deny lists of capability patterns). It is pure data
 with pure decisions: ``intersect`` and ``grants`` turn a tool's declared capabilities
-into the ``worker.rules.Grants`` a call may use, ``precheck`` judges URL and path
+into the ``failcore_worker.rules.Grants`` a call may use, ``precheck`` judges URL and path
 arguments before dispatch with the very functions the worker's guards use, and
 ``rejudge`` re-judges a recorded guard event (``failcore replay --policy``).
 
@@ -38,8 +38,8 @@ from failcore._capabilities import (
 from failcore._errors import PolicyError
 from failcore._metadata import DefaultPolicy
 from failcore._precheck import scan_arguments
-from worker import rules
-from worker.rules import Action, Grants, GuardEvent, Verdict, under
+from failcore_worker import rules
+from failcore_worker.rules import Action, Grants, GuardEvent, Verdict, under
 
 __all__ = ["Policy", "CapabilityVerdict", "load_policy", "load_policy_from", "check_policy_file"]
 

@@ -16,7 +16,7 @@ absolute path (no ``..`` step) is judged only for a tool that has filesystem gra
 runs under fs_safe: for a network-only tool ``"/repos/x"`` is far more likely an API
 route than a file, and the worker blocks any file it would really open.
 
-Hosts are judged with ``worker.rules.check_host`` and paths with ``check_path``: the
+Hosts are judged with ``failcore_worker.rules.check_host`` and paths with ``check_path``: the
 same decisions the worker makes at connect/open time.
 """
 
@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from worker import rules
-from worker.rules import Grants, Verdict
+from failcore_worker import rules
+from failcore_worker.rules import Grants, Verdict
 
 MAX_DEPTH = 64
 MAX_NODES = 10_000

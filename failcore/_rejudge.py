@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, cast
 
 from failcore._errors import FailCoreError
 from failcore._metadata import DefaultPolicy
-from worker.rules import Grants, GuardEvent, Verdict
+from failcore_worker.rules import Grants, GuardEvent, Verdict
 
 Layer = Literal["precheck", "worker"]
 

@@ -54,8 +54,8 @@ from failcore._validation import build_models
 from failcore._watchdog import Watchdog
 from failcore._workers import Pool, Worker, descendants
 from failcore._zygote import MINIMAL_ENV, Zygote
-from worker import protocol
-from worker.rules import GuardEvent, under
+from failcore_worker import protocol
+from failcore_worker.rules import GuardEvent, under
 
 _SYSTEM_READ = (
     "/etc/ssl", "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates",

@@ -15,8 +15,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from worker import protocol
-from worker.rules import Grants
+from failcore_worker import protocol
+from failcore_worker.rules import Grants
 
 # Delivery grace: the worker checks expiry when the request arrives, after the parent
 # minted it; the parent's own deadline (the timeout) is what bounds the call.

@@ -138,7 +138,7 @@ _FRAME = re.compile(r'  File "([^"\n]+)", line (\d+), in ([^\n]+)\n')
 def restore_source(err: ToolFailed, fn: Callable[..., Any]) -> None:
     """Put source lines back into a remote traceback, for files the parent trusts.
 
-    Workers send tracebacks without source (see ``worker.main.format_traceback``). The
+    Workers send tracebacks without source (see ``failcore_worker.main.format_traceback``). The
     parent adds lines only from the tool's own file (tools pickled by value arrive as
     ``<dynamic-code>``: the parent still knows where the code came from) and from the
     interpreter's trees; a frame naming any other file keeps no line, so a crafted code

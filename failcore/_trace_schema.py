@@ -5,7 +5,7 @@ bodies below are exactly what the session writes; unknown keys are refused so th
 typo in the writer, or a field slipped into a trace by hand, fails ``failcore verify``
 instead of going unnoticed. The few places that accept more are said so: ``ipc.send`` /
 ``ipc.recv`` bodies (the message summary may grow), ``token.mint`` grants (the shape of
-``worker.rules.Grants.to_wire()`` belongs to that module) and ``call.start`` args /
+``failcore_worker.rules.Grants.to_wire()`` belongs to that module) and ``call.start`` args /
 ``call.end`` result (user data).
 
 Validation is strict (no ``"5"`` for an int, no ``true`` for a number): a trace is
@@ -159,7 +159,7 @@ class IpcBody(_Open):
 
 
 class GuardBody(_Strict):
-    """A guarded operation the worker reported (``worker.rules.GuardEvent``)."""
+    """A guarded operation the worker reported (``failcore_worker.rules.GuardEvent``)."""
 
     op: str
     action: Action

@@ -17,7 +17,7 @@ import time
 import psutil
 
 from failcore._workers import Pool, Worker, descendants
-from worker import rules
+from failcore_worker import rules
 
 
 def violation(worker: Worker, proc: psutil.Process) -> tuple[str, str] | None:

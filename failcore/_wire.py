@@ -19,7 +19,7 @@ import pickle
 import sys
 from typing import Any
 
-from worker import protocol
+from failcore_worker import protocol
 
 _BUILTIN_TYPES = frozenset({
     "dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float",

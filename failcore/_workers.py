@@ -23,7 +23,7 @@ import psutil
 
 from failcore._errors import WorkerCrashed
 from failcore._zygote import Zygote
-from worker import _tree, protocol
+from failcore_worker import _tree, protocol
 
 
 @dataclass(eq=False)

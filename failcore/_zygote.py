@@ -11,11 +11,21 @@ import threading
 import time
 from pathlib import Path
 
+import failcore_worker
 from failcore._errors import WorkerCrashed
 
 # The fixed environment of every worker process before grants are applied.
 MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-_WORKER_ROOT = str(Path(__file__).resolve().parent.parent)
+# The worker package's own directory: the zygote loads it from there by path, so it never
+# depends on sys.path (a user's ``worker.py`` or a source checkout cannot stand in for it).
+_WORKER_PACKAGE = os.path.dirname(os.path.abspath(failcore_worker.__file__))
+_BOOT = (
+    "import importlib.util as u, sys; "
+    "s = u.spec_from_file_location('failcore_worker', {init!r}, "
+    "submodule_search_locations=[{pkg!r}]); m = u.module_from_spec(s); "
+    "sys.modules['failcore_worker'] = m; s.loader.exec_module(m); "
+    "from failcore_worker.zygote import serve; serve({fd}, {root!r}, {resolve!r})"
+)
 
 
 class Zygote:
@@ -23,11 +33,10 @@ class Zygote:
 
     def __init__(self, log_path: str, resolve: tuple[str, ...] = ()) -> None:
         ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        code = (
-            f"import sys; sys.path.insert(0, {_WORKER_ROOT!r}); "
-            f"from worker.zygote import serve; serve({child.fileno()}, "
-            f"{os.path.dirname(os.path.abspath(log_path))!r}, {tuple(resolve)!r})"
-        )
+        code = _BOOT.format(init=os.path.join(_WORKER_PACKAGE, "__init__.py"),
+                            pkg=_WORKER_PACKAGE, fd=child.fileno(),
+                            root=os.path.dirname(os.path.abspath(log_path)),
+                            resolve=tuple(resolve))
         self._log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(

@@ -24,7 +24,7 @@ from failcore._capabilities import (
 )
 from failcore._errors import CapabilityError, RegistrationError
 from failcore._metadata import SideEffect
-from worker.rules import FsRule, NetRule
+from failcore_worker.rules import FsRule, NetRule
 
 VALID = [
     ("net:connect:api.github.com:443", NetConnect("api.github.com", 443, 443), None),

@@ -16,7 +16,7 @@ from failcore import _cli
 from failcore._metadata import DefaultPolicy
 from failcore._rejudge import Finding, rejudge
 from failcore._trace import TraceWriter, read_trace
-from worker.rules import Grants, GuardEvent, Verdict
+from failcore_worker.rules import Grants, GuardEvent, Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location(

@@ -1,4 +1,4 @@
-"""worker.guards: layer 3 inside a real, fresh interpreter per test.
+"""failcore_worker.guards: layer 3 inside a real, fresh interpreter per test.
 
 Each test runs a short script in ``sys.executable -c`` with the guards installed, and
 reads back what happened to each attempt ("ok", "denied: RULE" or "error: ...") plus the
@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from worker.guards import GuardDenied
-from worker.rules import FsRule, Grants, NetRule, Verdict
+from failcore_worker.guards import GuardDenied
+from failcore_worker.rules import FsRule, Grants, NetRule, Verdict
 
 REPO = str(Path(__file__).resolve().parent.parent)
 IMPLICIT = tuple(sorted({os.path.realpath(p) for p in (
@@ -34,8 +34,8 @@ IMPLICIT = tuple(sorted({os.path.realpath(p) for p in (
 PRELUDE = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from worker import guards
-from worker.rules import Grants
+from failcore_worker import guards
+from failcore_worker.rules import Grants
 {before}
 guards.install(Grants.from_wire(json.loads({grants!r})), {cwd!r})
 os.chdir({cwd!r})
@@ -252,7 +252,7 @@ def test_kill_outside_own_tree(area: Path) -> None:
 
 def test_install_once_and_set_call_only_narrows(area: Path) -> None:
     out = run_guarded(fs_grants(area), f"""
-        from worker.rules import FsRule
+        from failcore_worker.rules import FsRule
         attempt("install again", lambda: guards.install(Grants(), "/"))
         attempt("widen", lambda: guards.set_call(Grants(default="allow"), {str(area / 'scratch')!r}))
         guards.set_call(Grants(fs=(FsRule({str(area / 'out')!r}, True),)), {str(area / 'scratch/c1')!r})
@@ -269,7 +269,7 @@ def test_install_once_and_set_call_only_narrows(area: Path) -> None:
 
 
 def test_take_events_clears() -> None:
-    from worker import guards
+    from failcore_worker import guards
 
     assert guards.take_events() == []  # not installed: nothing recorded, nothing raised
 

@@ -59,7 +59,7 @@ def bypass_and_connect(port: int) -> str:
     import socket
     import time
 
-    from worker import guards
+    from failcore_worker import guards
 
     guards.runtime_begin()
     s = socket.create_connection(("127.0.0.1", port), timeout=2)
@@ -72,7 +72,7 @@ def bypass_and_spawn() -> str:
     import subprocess
     import time
 
-    from worker import guards
+    from failcore_worker import guards
 
     guards.runtime_begin()
     subprocess.Popen(["/bin/sleep", "30"])

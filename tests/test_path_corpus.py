@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.rules import FsRule, Grants, check_path
+from failcore_worker.rules import FsRule, Grants, check_path
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from failcore._policy import (
     load_policy,
 )
 from failcore._precheck import MAX_DEPTH, MAX_NODES
-from worker import rules
-from worker.rules import Grants, Verdict
+from failcore_worker import rules
+from failcore_worker.rules import Grants, Verdict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -285,7 +285,7 @@ def test_precheck_warn_only_downgrades_policy_blocks(monkeypatch: pytest.MonkeyP
     assert [v.action for _, v in findings] == ["block"]
 
 
-# -- precheck and rejudge with the real decision functions (worker.rules) --------------
+# -- precheck and rejudge with the real decision functions (failcore_worker.rules) --------------
 
 
 def test_precheck_real_rules_block_metadata_and_allow_granted() -> None:

@@ -1,4 +1,4 @@
-"""worker.rules: the pure decision functions both enforcement layers judge with."""
+"""failcore_worker.rules: the pure decision functions both enforcement layers judge with."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.rules import (
+from failcore_worker.rules import (
     FsRule,
     Grants,
     NetRule,

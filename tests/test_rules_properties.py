@@ -1,4 +1,4 @@
-"""Properties of worker.rules: encodings, round trips, the subset order, path confinement."""
+"""Properties of failcore_worker.rules: encodings, round trips, the subset order, path confinement."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from worker.rules import (
+from failcore_worker.rules import (
     FsRule,
     Grants,
     NetRule,

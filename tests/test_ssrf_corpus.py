@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from worker.rules import Grants, NetRule, check_host
+from failcore_worker.rules import Grants, NetRule, check_host
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
@@ -126,8 +126,8 @@ def test_guards_block_the_corpus_at_connect_time(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import json, os, socket, sys
         sys.path.insert(0, {REPO!r})
-        from worker import guards
-        from worker.rules import Grants
+        from failcore_worker import guards
+        from failcore_worker.rules import Grants
         guards.install(Grants.from_wire(json.loads({json.dumps(grants.to_wire())!r})), {str(tmp_path)!r})
         results = []
         for host, port in json.loads({json.dumps(targets)!r}):

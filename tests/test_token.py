@@ -11,8 +11,8 @@ import pytest
 
 from failcore import Session, SideEffect, ToolMetadata, _wire
 from failcore._token import ToolGrants
-from worker import protocol
-from worker.rules import FsRule, NetRule
+from failcore_worker import protocol
+from failcore_worker.rules import FsRule, NetRule
 
 
 def read(path: str) -> str:
@@ -115,7 +115,7 @@ def test_token_header_is_canonical_json() -> None:
     import json
 
     from failcore._token import TokenMinter
-    from worker.rules import Grants
+    from failcore_worker.rules import Grants
 
     parts = ToolGrants.build(Grants(), {"timeout_s": 1})
     token, _mac = TokenMinter().mint('c"1\\', "to\u00e9l", parts, 5)

@@ -1,6 +1,6 @@
 """IP address parsing in every encoding resolvers accept, and special-range classification.
 
-Private to ``worker.rules`` (which re-exports ``parse_ip`` and ``special_range``). Kept
+Private to ``failcore_worker.rules`` (which re-exports ``parse_ip`` and ``special_range``). Kept
 apart because it is the part most worth property-testing and the tables are long.
 
 Why so lenient a parser: an SSRF filter that understands fewer spellings of an address

@@ -1,6 +1,6 @@
 """Grants on the wire (``Grants.from_wire``) and their order (``Grants.is_subset_of``).
 
-Private to ``worker.rules``. Tokens carry grants as JSON; a worker rebuilds them here
+Private to ``failcore_worker.rules``. Tokens carry grants as JSON; a worker rebuilds them here
 and refuses anything malformed or unknown rather than guessing, because grants decide
 what it may do. The subset order is what lets a warm worker accept a later call's
 token: rights may only shrink.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from worker import rules
+from failcore_worker import rules
 
 _WIRE_KEYS = frozenset({"net", "fs", "exec", "env", "default", "block_ranges", "fs_root",
                         "deny_exec", "implicit_read"})

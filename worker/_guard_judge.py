@@ -1,6 +1,6 @@
 """The guards' state and judging, shared by the audit hook and the wrapped functions.
 
-Private to ``worker.guards``. Everything here runs inside the audit hook, so it imports
+Private to ``failcore_worker.guards``. Everything here runs inside the audit hook, so it imports
 nothing at call time and keeps the common case (a stdlib import reading its own files)
 to a string prefix test.
 """
@@ -14,9 +14,9 @@ import socket
 import threading
 from typing import Any
 
-from worker import rules
-from worker._guard_names import NameBook
-from worker.rules import Grants, GuardEvent, Verdict
+from failcore_worker import rules
+from failcore_worker._guard_names import NameBook
+from failcore_worker.rules import Grants, GuardEvent, Verdict
 
 MAX_EVENTS = 10_000
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
-from worker._addresses import parse_ip
+from failcore_worker._addresses import parse_ip
 
 _MAX_ADDRESSES = 4096
 _MAX_NAMES = 16

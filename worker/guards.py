@@ -2,7 +2,7 @@
 
 One ``sys.addaudithook`` hook judges every file open and modification, socket connect
 and send, name resolution, subprocess, fork and ctypes load the interpreter announces,
-with the same decision functions the parent's pre-check uses (``worker.rules``). A
+with the same decision functions the parent's pre-check uses (``failcore_worker.rules``). A
 blocked operation raises ``GuardDenied`` (a ``PermissionError``) inside the tool; every
 decision except routine reads (stdlib imports, the scratch dir) is recorded for the trace.
 
@@ -27,8 +27,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from worker import rules
-from worker._guard_judge import (
+from failcore_worker import rules
+from failcore_worker._guard_judge import (
     MAX_EVENTS,
     WRITE_FLAGS,
     GuardDenied,
@@ -42,7 +42,7 @@ from worker._guard_judge import (
     path_of,
     state,
 )
-from worker.rules import Grants, GuardEvent, Verdict
+from failcore_worker.rules import Grants, GuardEvent, Verdict
 
 __all__ = ["GuardDenied", "install", "runtime_begin", "runtime_end", "set_call", "take_events"]
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import cloudpickle
 
-from worker import guards, protocol
-from worker.rules import Grants
+from failcore_worker import guards, protocol
+from failcore_worker.rules import Grants
 
 _MB = 1024 * 1024
 # A warm worker's CPU rlimit covers this many calls at cpu_s each; it asks to be retired

@@ -6,7 +6,7 @@ by a pickled ``(kind, body)`` tuple. The reader checks the length against its li
 ``Limits.output_bytes``.
 
 Messages, parent -> worker:
-  ("init", {...})   lock down and load the tool (see worker.main.lock_down)
+  ("init", {...})   lock down and load the tool (see failcore_worker.main.lock_down)
   ("call", {"token": bytes, "mac": str, "args": dict})
   ("exit", {})
 Worker -> parent:

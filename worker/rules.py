@@ -26,8 +26,8 @@ from functools import lru_cache
 from typing import Any, Literal, TypedDict
 from urllib.parse import unquote
 
-from worker import _grants_wire
-from worker._addresses import TRANSLATED, embedded_v4, parse_ip, special_range
+from failcore_worker import _grants_wire
+from failcore_worker._addresses import TRANSLATED, embedded_v4, parse_ip, special_range
 
 __all__ = [
     "Action", "IPAddress", "Verdict", "NetRule", "FsRule", "Grants", "GuardEvent",

@@ -36,7 +36,7 @@ import urllib.request  # noqa: F401
 
 import cloudpickle  # noqa: F401
 
-from worker import _tree, guards, main, rules  # noqa: F401
+from failcore_worker import _tree, guards, main, rules  # noqa: F401
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
