@@ -36,6 +36,7 @@ from failcore._errors import (
 )
 from failcore._metadata import DefaultPolicy, Limits, RiskLevel, SideEffect, ToolMetadata
 from failcore._policy import Policy, load_policy
+from failcore._recording import call_context
 from failcore._session import Session
 from failcore._validation import Secret
 
@@ -67,6 +68,7 @@ __all__ = [
     "ValidationError",
     "WorkerCrashed",
     "__version__",
+    "call_context",
     "load_policy",
     "parse_capability",
     "presets",

@@ -1,8 +1,44 @@
-"""Trace front-ends the session writes through: none at all, or one that scrubs secrets."""
+"""Trace front-ends the session writes through: none at all, one that scrubs secrets,
+one that also hands every record to observers (OpenTelemetry, a live dashboard), and the
+call context (labels such as an MCP request id) that ``call.start`` records carry."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
+
+# Observers see (kind, call_id, body) of every record, after secrets are scrubbed.
+Observer = Callable[[str, "str | None", dict[str, Any]], None]
+
+_CONTEXT: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "failcore_call_context", default=None)
+
+
+@contextlib.contextmanager
+def call_context(**labels: str | int) -> Iterator[None]:
+    """Label the calls made inside this block; each ``call.start`` record carries them.
+
+    ``with failcore.call_context(mcp_request_id=7): session.call(...)``. Nested blocks
+    add to the outer labels. Values are recorded as strings (at most 32 labels, 200
+    characters each); ``acall`` carries the labels into its worker thread.
+    """
+    for key in labels:
+        if not key.isidentifier():
+            raise ValueError(f"call_context label {key!r} must be an identifier")
+    merged = {**(_CONTEXT.get() or {}), **{k: str(v)[:200] for k, v in labels.items()}}
+    if len(merged) > 32:
+        raise ValueError("call_context takes at most 32 labels")
+    token = _CONTEXT.set(merged)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_context() -> dict[str, str] | None:
+    return _CONTEXT.get()
 
 
 class NoTrace:
@@ -39,3 +75,35 @@ class ScrubbingTrace:
         from failcore._validation import to_jsonable
 
         return self._trace.record(kind, call_id, self._scrub(to_jsonable(body)))
+
+
+class ObservedTrace:
+    """Writes through to the trace (or nothing), then hands the record to each observer.
+
+    An observer that raises is reported once on stderr and removed: observing must never
+    fail a call or lose a record.
+    """
+
+    def __init__(self, trace: Any, observers: list[Observer]) -> None:
+        self._trace = trace
+        self._observers = observers
+
+    def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
+               plain: bool = False) -> Any:
+        out = self._trace.record(kind, call_id, body, plain=plain)
+        for observer in tuple(self._observers):
+            try:
+                observer(kind, call_id, body)
+            except Exception as exc:  # noqa: BLE001 - an observer's bug is not the call's
+                import sys
+
+                print(f"failcore: observer {observer!r} raised {type(exc).__name__}: {exc}; "
+                      "removed", file=sys.stderr)
+                try:
+                    self._observers.remove(observer)
+                except ValueError:
+                    pass
+        return out
+
+    def close(self) -> None:
+        self._trace.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextvars
 import functools
 import itertools
 import os
@@ -39,7 +40,7 @@ from failcore._errors import (
 from failcore._metadata import DefaultPolicy, ToolMetadata
 from failcore._policy import Policy
 from failcore._privilege import plan as privilege_plan
-from failcore._recording import NoTrace, ScrubbingTrace
+from failcore._recording import NoTrace, ObservedTrace, Observer, ScrubbingTrace, current_context
 from failcore._replay import Replayer
 from failcore._token import TokenMinter, ToolGrants
 from failcore._tool import (
@@ -133,6 +134,7 @@ class Session:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._replay = Replayer(os.fspath(replay)) if replay is not None else None
         self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else NoTrace()
+        self._observers: list[Observer] = []
         self._tracing = trace is not None
         self._trace_result_bytes = trace_result_bytes
         from failcore import __version__
@@ -272,6 +274,17 @@ class Session:
 
         return tool_schemas([t.models for t in self._tools.values()], format)
 
+    def add_observer(self, observer: Observer) -> None:
+        """Call ``observer(kind, call_id, body)`` with every trace record from now on.
+
+        Works with or without a trace file; bodies are what the trace gets (secrets
+        already scrubbed). Observers run on the calling thread, so keep them quick.
+        """
+        with self._lock:
+            if not self._observers:
+                self._trace = ObservedTrace(self._trace, self._observers)
+            self._observers.append(observer)
+
     # --------------------------------------------------------------------- calls
     def call(self, name: str, /, **kwargs: Any) -> Any:
         """Run tool ``name`` with keyword arguments; raises a FailCoreError subclass on failure."""
@@ -306,9 +319,11 @@ class Session:
                         max_workers=self._async_threads, thread_name_prefix="failcore-acall")
         loop = asyncio.get_running_loop()
         handle = _CallHandle()
+        # The caller's context (call_context labels) travels into the worker thread.
+        ctx = contextvars.copy_context()
         try:
             return await loop.run_in_executor(
-                self._executor, functools.partial(self._call_with, handle, name, kwargs))
+                self._executor, ctx.run, self._call_with, handle, name, kwargs)
         except asyncio.CancelledError:
             handle.cancel()
             raise
@@ -338,8 +353,11 @@ class Session:
         models = tool.models
         hidden = secret_values(tool, kwargs)
         trace = ScrubbingTrace(self._trace, hidden) if hidden else self._trace
-        trace.record("call.start", call_id, {"tool": tool.name, "args": models.redact(kwargs)},
-                     plain=True)
+        start: dict[str, Any] = {"tool": tool.name, "args": models.redact(kwargs)}
+        context = current_context()
+        if context:
+            start["context"] = context
+        trace.record("call.start", call_id, start, plain=True)
         try:
             args = models.validate_input(kwargs)
         except InputValidationError as err:

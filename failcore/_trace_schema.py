@@ -118,6 +118,7 @@ class ToolRegisterBody(_Strict):
 class CallStartBody(_Strict):
     tool: str
     args: dict[str, Any]
+    context: dict[str, str] | None = None  # failcore.call_context labels (an MCP request id)
 
 
 class ValidateBody(_Strict):
