@@ -98,6 +98,32 @@ def decode(payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
     return kind, body
 
 
+# Worker -> parent frames are data, never a pickle: the parent must not run pickle's VM on
+# bytes a tool may have written. The payload is the UTF-8 JSON array ``[kind, body]``.
+
+def encode_data(kind: str, body: dict[str, Any]) -> bytes:
+    """A worker -> parent frame: header + JSON ``[kind, body]`` (NaN refused)."""
+    payload = json.dumps([kind, body], separators=(",", ":"), allow_nan=False,
+                         ensure_ascii=False).encode()
+    return HEADER.pack(len(payload)) + payload
+
+
+class BadFrame(ValueError):
+    """A worker -> parent frame that is not ``[kind: str, body: object]`` JSON."""
+
+
+def decode_data(payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
+    """Parse a worker -> parent frame; linear in its size, raises BadFrame when malformed."""
+    try:
+        value = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise BadFrame(f"not JSON: {exc}") from None
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], dict)):
+        raise BadFrame("expected [kind, body]")
+    return value[0], value[1]
+
+
 def recv(sock: socket.socket, limit: int = MAX_CONTROL_FRAME) -> tuple[str, dict[str, Any]]:
     return decode(recv_frame(sock, limit))
 
