@@ -93,7 +93,7 @@ def exchange(pool: Pool, worker: Worker, tool: str, frames: list[bytes],
 def _map_error(tool: str, body: dict[str, Any], out: Outcome) -> Outcome:
     kind = body.get("kind")
     rtype, message = str(body.get("type", "")), str(body.get("message", ""))
-    out.reuse = kind == protocol.ERR_TOOL
+    out.reuse = kind == protocol.ERR_TOOL and not body.get("retire", False)
     if kind == protocol.ERR_DENIED:
         blocked = next((e for e in out.events if e.get("action") == "block"), {})
         rule = str(blocked.get("rule", "worker guard"))

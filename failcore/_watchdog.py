@@ -4,8 +4,12 @@ guards missed (a tool that reached libc through ctypes, or an extension module).
 It looks only at workers busy for longer than ``min_age_s``: a quick call is over before
 an outside observer could act, and polling every call would tax the hot path. It checks
 resident memory against ``memory_mb``, child processes when no ``proc:exec`` is granted,
-open inet connections to a blocked special range or when no network is granted, and the
-number of descendants against ``Limits.processes`` (root ignores RLIMIT_NPROC).
+the number of descendants against ``Limits.processes`` (root ignores RLIMIT_NPROC), and
+the inet connections of the worker *and every descendant* (a program run under
+``proc:exec`` is not guarded inside: this is where its connections are judged) to a
+blocked special range or when no network is granted. Connections are read in the
+process's own network namespace: a confined worker's namespace is empty, so this matters
+most for host-network tools (``ToolMetadata(network="host")``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
 
@@ -35,17 +41,30 @@ def violation(worker: Worker, proc: psutil.Process) -> tuple[str, str] | None:
     most = int(worker.extra.get("processes", 0))
     if most and len(children) > most:
         return "processes", f"{len(children)} descendant processes > processes={most}"
-    for conn in proc.net_connections(kind="inet"):
-        if not conn.raddr:
-            continue
-        ip, port = conn.raddr.ip, conn.raddr.port
-        if not grants.net and grants.default == "block":
-            return "net", f"connection to {ip}:{port} with no net:connect granted"
-        if grants.block_ranges and rules.special_range(ipaddress.ip_address(ip)) is not None:
-            verdict = rules.check_connect(grants, ip, port)
-            if verdict.action == "block":
-                return "net", f"connection to {ip}:{port}: {verdict.reason} [rule: {verdict.rule}]"
+    for pid, conns in _tree_connections(proc, children):
+        who = "" if pid == worker.pid else f" (descendant {pid})"
+        for conn in conns:
+            if not conn.raddr:
+                continue
+            ip, port = conn.raddr.ip, conn.raddr.port
+            if not grants.net and grants.default == "block":
+                return "net", f"connection to {ip}:{port}{who} with no net:connect granted"
+            if grants.block_ranges and rules.special_range(ipaddress.ip_address(ip)) is not None:
+                verdict = rules.check_connect(grants, ip, port)
+                if verdict.action == "block":
+                    return "net", (f"connection to {ip}:{port}{who}: {verdict.reason} "
+                                   f"[rule: {verdict.rule}]")
     return None
+
+
+def _tree_connections(proc: psutil.Process, children: list[int]) -> Iterator[tuple[int, list[Any]]]:
+    """(pid, inet connections) for the worker, then each descendant still alive."""
+    yield proc.pid, proc.net_connections(kind="inet")
+    for pid in children:
+        try:
+            yield pid, psutil.Process(pid).net_connections(kind="inet")
+        except psutil.Error:
+            continue  # exited meanwhile
 
 
 class Watchdog:

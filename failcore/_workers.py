@@ -39,6 +39,7 @@ class Worker:
     kill_detail: str = ""
     calls: int = 0
     busy_since: float | None = None
+    chan_fd: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def send(self, kind: str, body: dict[str, Any]) -> int:
@@ -87,14 +88,55 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def leftovers(worker: Worker) -> str | None:
+    """What a finished call left running in a warm worker, or None when it left nothing.
+
+    Read by the parent from /proc (trusted: not the worker's word). Between calls a worker
+    is one thread with no children, holding stdin/stdout/stderr (``/dev/null``) and its
+    channel, whose number the zygote reported before any tool code ran. A thread, child
+    process or descriptor beyond that could act on the next call (swap its scratch dir,
+    keep serving on a socket): such a worker is retired, not reused. About three /proc
+    reads; on the warm path.
+    """
+    pid = worker.pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            threads = int(f.read().rsplit(b")", 1)[1].split()[17])
+        if threads != 1:
+            return f"{threads - 1} thread(s) still running after the call"
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            kids = f.read().split()
+        if kids:
+            return f"child process {int(kids[0])} still running after the call"
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (OSError, ValueError, IndexError) as exc:
+        return f"its /proc entries could not be read ({exc})"
+    extra = sorted(int(fd) for fd in fds if fd not in ("0", "1", "2", str(worker.chan_fd)))
+    if not extra:
+        return None
+    shown = []
+    for fd in extra[:3]:
+        try:
+            shown.append(f"{fd} ({os.readlink(f'/proc/{pid}/fd/{fd}')})")
+        except OSError:
+            shown.append(str(fd))
+    more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+    return f"descriptor {', '.join(shown)}{more} still open after the call"
+
+
 class Pool:
     """Forks workers through the zygote; keeps ``prespawn`` idle ones ready."""
 
     def __init__(self, root: str, prespawn: int, uid: int | None,
-                 resolve: tuple[str, ...] = ()) -> None:
+                 resolve: tuple[str, ...] = (), options: dict[str, Any] | None = None,
+                 name: str = "zygote") -> None:
         self._zygote_lock = threading.Lock()
         self._resolve = resolve
-        self.zygote = Zygote(os.path.join(root, "zygote.log"), resolve)
+        self._log = os.path.join(root, f"{name}.log")
+        self.zygote = Zygote(self._log, resolve, options)
+        # A replacement zygote (the first one died) prepares the same way; the session's
+        # self-test ran once, in the first.
+        self._options = {k: v for k, v in (options or {}).items() if k != "selftest"}
         self._root = root
         self._prespawn = prespawn
         self._uid = uid
@@ -117,15 +159,16 @@ class Pool:
         base = tempfile.mkdtemp(prefix="w", dir=self._root)
         if self._uid is not None:
             os.chown(base, self._uid, -1)
-        pid, chan = self._fork(warm_up)
+        pid, chan, chan_fd = self._fork(warm_up)
         with self._lock:
             self._counter += 1
-            worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}")
+            worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}",
+                            chan_fd=chan_fd)
             worker.extra["zygote"] = self.zygote
             self._all.add(worker)
         return worker
 
-    def _fork(self, warm_up: bool = True) -> tuple[int, socket.socket]:
+    def _fork(self, warm_up: bool = True) -> tuple[int, socket.socket, int]:
         """Fork through the zygote; if it died (killed from outside, OOM), start a new one."""
         zygote = self.zygote
         try:
@@ -147,7 +190,7 @@ class Pool:
         with self._zygote_lock:
             if self.zygote is zygote:
                 zygote.close()
-                self.zygote = Zygote(os.path.join(self._root, "zygote.log"), self._resolve)
+                self.zygote = Zygote(self._log, self._resolve, self._options)
             with self._lock:
                 stale = [w for w in self._idle]
                 self._idle.clear()

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import failcore_worker
 from failcore._errors import WorkerCrashed
@@ -24,19 +25,26 @@ _BOOT = (
     "s = u.spec_from_file_location('failcore_worker', {init!r}, "
     "submodule_search_locations=[{pkg!r}]); m = u.module_from_spec(s); "
     "sys.modules['failcore_worker'] = m; s.loader.exec_module(m); "
-    "from failcore_worker.zygote import serve; serve({fd}, {root!r}, {resolve!r})"
+    "from failcore_worker.zygote import serve; serve({fd}, {root!r}, {resolve!r}, {options!r})"
 )
 
 
 class Zygote:
-    """A clean interpreter started with ``sys.executable -I`` that forks workers."""
+    """A clean interpreter started with ``sys.executable -I`` that forks workers.
 
-    def __init__(self, log_path: str, resolve: tuple[str, ...] = ()) -> None:
+    ``options`` (plain data, see ``failcore_worker.zygote``): ``netns`` to enter an empty
+    network namespace once, ``userns`` whether a user namespace may be used for it,
+    ``kernel`` to prepare Landlock, ``selftest`` the probe targets. ``report`` is what the
+    zygote found (``failcore._confinement`` reads it).
+    """
+
+    def __init__(self, log_path: str, resolve: tuple[str, ...] = (),
+                 options: dict[str, Any] | None = None) -> None:
         ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = _BOOT.format(init=os.path.join(_WORKER_PACKAGE, "__init__.py"),
                             pkg=_WORKER_PACKAGE, fd=child.fileno(),
                             root=os.path.dirname(os.path.abspath(log_path)),
-                            resolve=tuple(resolve))
+                            resolve=tuple(resolve), options=dict(options or {}))
         self._log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -48,14 +56,16 @@ class Zygote:
         self._ctl = ctl
         self._lock = threading.Lock()
         self._cond = threading.Condition()
-        self._forked: dict[int, int] = {}
+        self._forked: dict[int, tuple[int, int]] = {}
         self._exited: dict[int, int] = {}
         self._next = 0
         self._closed = False
         ctl.settimeout(30)
         try:
-            kind, self.pid = pickle.loads(ctl.recv(4096))[:2]
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            ready = pickle.loads(ctl.recv(65536))
+            self.pid = ready[1]
+            self.report: dict[str, Any] = ready[2]
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, IndexError) as exc:
             self.proc.kill()
             self.proc.wait()
             raise WorkerCrashed(f"the worker zygote failed to start: {self.log_tail()}") from exc
@@ -83,15 +93,16 @@ class Zygote:
             msg = pickle.loads(data)  # the zygote is ours and never runs tool code
             with self._cond:
                 if msg[0] == "forked":
-                    self._forked[msg[1]] = msg[2]
+                    self._forked[msg[1]] = (msg[2], msg[3])
                 elif msg[0] == "exited":
                     self._exited[msg[1]] = msg[2]
                     while len(self._exited) > 4096:  # nobody asked about the oldest ones
                         del self._exited[next(iter(self._exited))]
                 self._cond.notify_all()
 
-    def fork(self, warm_up: bool = True) -> tuple[int, socket.socket]:
-        """A new worker process (waiting for ``init``) and the parent end of its channel."""
+    def fork(self, warm_up: bool = True) -> tuple[int, socket.socket, int]:
+        """A new worker process (waiting for ``init``), the parent end of its channel, and
+        the channel's descriptor number inside the worker."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with self._lock:
             self._next += 1
@@ -110,7 +121,8 @@ class Zygote:
                     ours.close()
                     raise WorkerCrashed(f"the worker zygote did not fork: {self.log_tail()}")
                 self._cond.wait(0.5)
-            return self._forked.pop(wid), ours
+            pid, chan_fd = self._forked.pop(wid)
+            return pid, ours, chan_fd
 
     def wait_exit(self, pid: int, timeout: float) -> int | None:
         """The wait status of worker ``pid`` once the zygote reaped it, or None."""

@@ -2,8 +2,10 @@
 
 A worker is forked from the zygote (a clean, spawned interpreter that never saw the
 parent's memory) and waits for ``init``. Lock-down happens before the tool's code is
-unpickled: working directory, environment, rlimits with hard limits lowered, optional
-uid drop, then the layer-3 guards. Only then is the tool loaded.
+unpickled: working directory, environment, rlimits with hard limits lowered, the kernel
+layers (capability bounding set emptied while still privileged, optional uid drop, no
+capabilities, no_new_privs, a Landlock domain for its grants), then the layer-3 guards.
+Only then is the tool loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 
 import cloudpickle
 
-from failcore_worker import guards, protocol
+from failcore_worker import _kernel, _landlock, guards, protocol
+from failcore_worker._kernel import Layer
 from failcore_worker.rules import Grants
 
 _MB = 1024 * 1024
@@ -51,6 +54,9 @@ class _State:
         self.dirs = 0
         self.next_dir: str | None = None
         self.used_dir: str | None = None
+        self.kernel: dict[str, Layer] = {}
+        self.host_network = False
+        self.stacked = False
 
 
 def _cpu_used() -> float:
@@ -100,11 +106,14 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
         if entry not in sys.path:
             sys.path.append(entry)
     _set_limits(state, state.limits, warm=body.get("isolation") == "tool")
+    mode = body.get("confinement", "auto")
+    state.host_network = body.get("network") == "host"
+    kernel = state.kernel  # the bounding set was emptied once, in the zygote
     uid = body.get("uid")
     if uid is not None and os.getuid() == 0:
-        os.setgroups([])
-        os.setgid(int(body["gid"]))
-        os.setuid(int(uid))
+        kernel["uid"] = _kernel.drop_uid(int(uid), int(body["gid"]))
+        if not kernel["uid"].in_force:
+            raise PermissionError(kernel["uid"].reason)
     if os.getuid() != 0:
         # Per uid, so it also counts the uid's other processes: a bound, not an exact count.
         # Root ignores it; the parent's watchdog enforces `processes` for root workers.
@@ -118,8 +127,52 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
         grants = dataclasses.replace(grants, implicit_read=implicit)
         state.grants = grants
         state.grant_cache = {state.grants_bytes: grants}
+    if mode != "off":
+        kernel["capabilities"] = _kernel.clear_capabilities()
+        kernel["no_new_privs"] = _kernel.set_no_new_privs()
+        kernel["landlock"] = _confine_files(state, grants)
+        missing = [f"{name}: {layer.reason}" for name, layer in kernel.items()
+                   if not layer.in_force]
+        if mode == "require" and missing:
+            raise PermissionError("confinement='require' but not in force in this worker: "
+                                  + "; ".join(missing))
     guards.install(grants, state.base_dir)
     state.fn = cloudpickle.loads(body["tool_blob"])
+
+
+def _confine_files(state: _State, grants: Grants) -> Layer:
+    """Enter a Landlock domain for ``grants`` (this worker's files, ports, signals)."""
+    abi = _landlock.cached_abi()
+    if abi == 0:
+        return Layer(False, "the kernel has no Landlock (or it is disabled)")
+    if not _kernel.single_threaded():
+        return Layer(False, "the worker has several threads (Landlock binds one thread)")
+    plan = _landlock.plan(grants, (state.base_dir,),
+                          (*grants.implicit_read, *_landlock.loader_paths()), abi,
+                          host_network=state.host_network)
+    try:
+        _landlock.restrict(plan)
+    except OSError as exc:
+        return Layer(False, str(exc))
+    return Layer(True, f"Landlock ABI {abi}, {len(plan.paths) + len(plan.ports)} rules")
+
+
+def _stack_narrower(state: _State, grants: Grants) -> None:
+    """Rights only shrink, in the kernel too: a token narrower than what this worker locked
+    down to stacks a narrower Landlock domain (the kernel intersects them). The worker is
+    retired after the call: a later, wider token could not be honoured any more."""
+    landlock = state.kernel.get("landlock")
+    if landlock is None or not landlock.in_force:
+        return
+    guards.runtime_begin()  # the guards refuse ctypes calls; this one is the run loop's
+    try:
+        plan = _landlock.plan(grants, (state.base_dir,),
+                              (*grants.implicit_read, *_landlock.loader_paths()),
+                              _landlock.cached_abi(), host_network=state.host_network)
+        _landlock.restrict(plan)
+    finally:
+        guards.runtime_end()
+    state.stacked = True
 
 
 def format_traceback(exc: BaseException) -> str:
@@ -189,6 +242,12 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
         if not grants.is_subset_of(state.grants):
             return _error(protocol.ERR_TOKEN, None,
                           "token grants exceed what this worker locked down to (rights only shrink)")
+        try:
+            _stack_narrower(state, grants)
+        except OSError as exc:
+            return _error(protocol.ERR_TOKEN, None,
+                          f"could not narrow the worker's Landlock domain to the token: {exc}",
+                          retire=True)
         state.grant_cache[grants_bytes] = grants
     state.seen_calls.add(call_id)
     return grants
@@ -239,7 +298,9 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
                                           "reason": f"{dropped} further events not reported"}]
     reply[1]["events"] = events
     if reply[0] == "result":
-        reply[1]["retire"] = state.cpu_hard - _cpu_used() < state.cpu_s + 1
+        reply[1]["retire"] = state.stacked or state.cpu_hard - _cpu_used() < state.cpu_s + 1
+    elif state.stacked:
+        reply[1]["retire"] = True
     return reply
 
 

@@ -6,10 +6,18 @@ a fixed minimal set, so the workers it forks never saw the parent's memory, envi
 or file descriptors (the point of "spawn, never fork" is kept: nothing of the parent is
 inherited).
 
+Kernel confinement that costs once, not per call, happens here before the first fork:
+with ``options["netns"]`` the zygote enters an empty network namespace (``_kernel``), so
+every worker inherits it; with ``options["selftest"]`` it forks a throwaway child that
+confines itself with no grants and tries what it must not (``_selftest``), and reports.
+
 Control channel (SOCK_SEQPACKET, one message per packet, pickled tuples):
+  zygote -> parent: ("ready", pid, report) once, first
   parent -> zygote: ("fork", worker_id, warm_up) with the worker's channel fd attached
                     (SCM_RIGHTS); warm_up=False for a worker whose init follows at once
-  zygote -> parent: ("forked", worker_id, pid) | ("exited", pid, wait_status)
+  zygote -> parent: ("forked", worker_id, pid, chan_fd) | ("exited", pid, wait_status)
+                    (chan_fd: the channel's descriptor number in the worker, so the parent
+                    knows the worker's descriptor set before any tool code runs)
 When the control channel closes (the parent exited or died), the zygote kills every
 worker it forked and exits. Workers get PR_SET_PDEATHSIG so they die with the zygote.
 """
@@ -32,11 +40,13 @@ import socket
 import ssl  # noqa: F401
 import subprocess  # noqa: F401
 import sys
+import time
 import urllib.request  # noqa: F401
+from typing import Any
 
 import cloudpickle  # noqa: F401
 
-from failcore_worker import _tree, guards, main, rules  # noqa: F401
+from failcore_worker import _kernel, _landlock, _selftest, _tree, guards, main, rules  # noqa: F401
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -138,15 +148,36 @@ def _shutdown(children: set[int]) -> None:
     os._exit(0)
 
 
-def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...] = ()) -> None:
-    # Preloaded objects never change; keep the collector from touching (and so copying)
-    # their pages in every forked worker.
+def _prepare(options: dict[str, Any], resolve: tuple[str, ...]) -> dict[str, Any]:
+    """Once per zygote: the network namespace, the loader's paths, the self-test."""
+    report: dict[str, Any] = {}
+    started = time.perf_counter()
+    if options.get("netns"):
+        netns, userns = _kernel.enter_empty_netns(allow_userns=bool(options.get("userns", True)))
+        report["netns"], report["userns"] = netns.to_wire(), userns.to_wire()
+    if options.get("kernel"):
+        report["bounding"] = _kernel.drop_bounding_set().to_wire()  # inherited by every fork
+        report["landlock_abi"] = _landlock.cached_abi()
+        # Resolved once here, inherited by every worker: their rulesets only resolve grants.
+        _landlock.warm(resolve)
+    probe = options.get("selftest")
+    if probe is not None:
+        report["selftest"] = _selftest.run(probe, resolve)
+    report["prepare_ms"] = (time.perf_counter() - started) * 1000
+    return report
+
+
+def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...] = (),
+          options: dict[str, Any] | None = None) -> None:
     global _session_root
     _session_root = session_root
     # The implicit-read directories of every worker of this session, resolved once here
     # and inherited by each fork (pinned before any tool code runs, as in the worker).
     for path in resolve:
         rules._resolve_base(path)
+    report = _prepare(options or {}, resolve)
+    # Preloaded objects never change; keep the collector from touching (and so copying)
+    # their pages in every forked worker.
     gc.freeze()
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     ctl = socket.socket(fileno=ctl_fd)
@@ -157,7 +188,7 @@ def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...]
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: _shutdown(children))
-    ctl.send(pickle.dumps(("ready", os.getpid())))
+    ctl.send(pickle.dumps(("ready", os.getpid(), report)))
     while True:
         ready, _, _ = select.select([ctl.fileno(), wake_r], [], [], 1.0)
         if wake_r in ready:
@@ -186,7 +217,7 @@ def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...]
             _child(ctl, fds[0], bool(warm_up))
         os.close(fds[0])
         children.add(pid)
-        ctl.send(pickle.dumps(("forked", worker_id, pid)))
+        ctl.send(pickle.dumps(("forked", worker_id, pid, fds[0])))
 
 
 if __name__ == "__main__":
