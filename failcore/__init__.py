@@ -20,8 +20,10 @@ from failcore._capabilities import (
     ProcExec,
     parse_capability,
 )
+from failcore._confinement import Confinement
 from failcore._errors import (
     CallCancelled,
+    ConfinementUnavailable,
     FailCoreError,
     InputValidationError,
     OutputValidationError,
@@ -48,6 +50,8 @@ __all__ = [
     "Env",
     "CallCancelled",
     "Capability",
+    "Confinement",
+    "ConfinementUnavailable",
     "DefaultPolicy",
     "FailCoreError",
     "InputValidationError",

@@ -68,6 +68,12 @@ class ToolFailed(FailCoreError):
         self.remote_traceback = remote_traceback
 
 
+class ConfinementUnavailable(FailCoreError):
+    """``Session(confinement="require")`` and a kernel layer (Landlock, its TCP or scope
+    rules, the empty network namespace, dropped capabilities, no_new_privs) is not in
+    force on this machine; the message names each and why."""
+
+
 class ReplayMismatch(FailCoreError):
     """A replayed session diverged from the recorded trace."""
 

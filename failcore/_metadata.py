@@ -32,6 +32,12 @@ class DefaultPolicy(enum.StrEnum):
 
 
 Isolation = Literal["tool", "call"]
+# "none": the worker's network namespace is empty and sockets come from the parent's
+# broker. "host": for clients that connect from C (libpq, gRPC's core) and so never ask
+# the broker; the worker keeps the host's network, Landlock limits TCP connect to the
+# granted ports, and the guards and the watchdog judge addresses. Weaker: see SECURITY.md.
+Network = Literal["none", "host"]
+NETWORK_MODES: tuple[str, ...] = ("none", "host")
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class ToolMetadata:
     isolation: Isolation | None = None
     description: str | None = None
     secret: Sequence[str] = ()
+    network: Network = "none"
 
     @property
     def side_effects(self) -> frozenset[SideEffect]:

@@ -16,7 +16,6 @@ import itertools
 import os
 import pickle
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -25,11 +24,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
-from failcore import _dispatch
+from failcore import _confinement, _dispatch
 from failcore._capabilities import parse_capabilities
+from failcore._confinement import Confinement
 from failcore._dispatch import Outcome
 from failcore._errors import (
     CallCancelled,
+    ConfinementUnavailable,
     FailCoreError,
     InputValidationError,
     OutputValidationError,
@@ -53,13 +54,13 @@ from failcore._tool import (
 )
 from failcore._validation import build_models
 from failcore._watchdog import Watchdog
-from failcore._workers import Pool, Worker, descendants
+from failcore._workers import Pool, Worker, leftovers
 from failcore._zygote import MINIMAL_ENV, Zygote
 from failcore_worker import protocol
 from failcore_worker.rules import GuardEvent, under
 
 _SYSTEM_READ = (
-    "/etc/ssl", "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates",
+    "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates",
     "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
     "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo",
     "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero",
@@ -109,19 +110,25 @@ class Session:
     results whose reply is larger are recorded by size only (replay cannot answer them).
     ``async_threads``: threads that run ``acall``s, so at most this many run at once (more
     only adds GIL contention on a small machine: 64 ran ~20% slower than 16 here).
+    ``confinement``: the kernel layers (Landlock, empty network namespace, no
+    capabilities, no_new_privs): ``"auto"`` uses what the kernel has, ``"require"`` raises
+    ``ConfinementUnavailable`` unless every one is in force, ``"off"`` skips them (to
+    measure their cost; see SECURITY.md). ``session.confinement`` says what is in force.
     """
 
     def __init__(self, validator: Policy | None = None, trace: str | os.PathLike[str] | None = None,
                  *, replay: str | os.PathLike[str] | None = None, prespawn: int = 2,
                  max_workers_per_tool: int = 2, worker_user: str | int | None = "auto",
                  watchdog_interval_s: float = 0.05,
-                 trace_result_bytes: int = 1024 * 1024, async_threads: int = 16) -> None:
+                 trace_result_bytes: int = 1024 * 1024, async_threads: int = 16,
+                 confinement: str = "auto") -> None:
         from failcore import presets
         from failcore._trace import TraceWriter
 
         if prespawn < 0 or max_workers_per_tool < 1 or async_threads < 1:
             raise ValueError("prespawn must be >= 0, max_workers_per_tool and async_threads >= 1")
         self._async_threads = async_threads
+        self._mode = _confinement.check_mode(confinement)
         self.policy: Policy = validator if validator is not None else presets.allow_all()
         self._tools: dict[str, Tool] = {}
         self._lock = threading.Lock()
@@ -137,14 +144,15 @@ class Session:
         self._observers: list[Observer] = []
         self._tracing = trace is not None
         self._trace_result_bytes = trace_result_bytes
-        from failcore import __version__
-
-        self._trace.record("session.start", None, {
-            "failcore_version": __version__, "policy": getattr(self.policy, "name", None), "format": 1})
         self._pool: Pool | None = None
         self._watchdog: Watchdog | None = None
+        # The host-network pool (a second zygote, outside the empty namespace), started
+        # when the first tool that needs it registers; (pool, watchdog) once it exists.
+        self._host: list[tuple[Pool, Watchdog]] = []
         self._root: str | None = None
+        self._confinement = _confinement.off("replay session: no worker runs", None)
         if self._replay is not None:
+            self._record_start()
             return
         self.privilege = privilege_plan(worker_user)
         # tmpfs when there is one: a per-call directory costs ~10 us there, ~160 us on disk.
@@ -158,16 +166,73 @@ class Session:
         self._worker_sys_path = [
             p for p in sys.path
             if p and any(under(os.path.realpath(p), r) for r in self._implicit_read)]
+        self._prespawn, self._watchdog_interval = prespawn, watchdog_interval_s
         try:
-            self._pool = Pool(self._root, prespawn, self.privilege.uid,
-                              tuple(self._implicit_read))
-            self._watchdog = Watchdog(self._pool, watchdog_interval_s)
+            self._pool = self._start_pool(prespawn, watchdog_interval_s)
         except BaseException:
+            self._record_start()
             self.close()
             raise
         self._finalizer = weakref.finalize(self, Session._finalize, self._pool,
-                                           self._watchdog, self._root)
+                                           self._watchdog, self._root, self._host)
         atexit.register(self._finalizer)
+        self._record_start()
+        if self._mode == "require" and not self._confinement.complete:
+            self.close()
+            raise ConfinementUnavailable(
+                "confinement='require' but these kernel layers are not in force: "
+                + "; ".join(f"{x.name}: {x.reason}" for x in self._confinement.missing)
+                + ". Use confinement='auto' to run with what this kernel offers.")
+
+    def _start_pool(self, prespawn: int, interval: float) -> Pool:
+        """The confined pool: its zygote enters the empty network namespace and runs the
+        self-test (``_confinement``) before it forks any worker."""
+        assert self._root is not None
+        kernel = self._mode != "off"
+        probe = _confinement.Probe(self._root) if kernel else None
+        try:
+            pool = Pool(self._root, prespawn, self.privilege.uid, tuple(self._implicit_read), {
+                "netns": kernel, "userns": self.privilege.uid is None, "kernel": kernel,
+                "selftest": probe.options() if probe is not None else None})
+            arrived = probe.arrived() if probe is not None else (0, 0)
+        finally:
+            if probe is not None:
+                probe.close()
+        self._confinement = _confinement.judge(self._mode, pool.zygote.report, arrived,
+                                               self.privilege)
+        self._watchdog = Watchdog(pool, interval)
+        return pool
+
+    def _host_pool(self) -> Pool:
+        """The pool for host-network tools (``_confinement.network_mode``), started once."""
+        with self._lock:
+            if self._closed:
+                raise FailCoreError("the session is closed")
+            if not self._host:
+                assert self._root is not None
+                pool = Pool(self._root, self._prespawn, self.privilege.uid,
+                            tuple(self._implicit_read), {"kernel": self._mode != "off"},
+                            name="zygote-host")
+                self._host.append((pool, Watchdog(pool, self._watchdog_interval)))
+            return self._host[0][0]
+
+    def _pool_for(self, tool: Tool) -> Pool:
+        if tool.network == "host":
+            return self._host_pool()
+        assert self._pool is not None
+        return self._pool
+
+    def _record_start(self) -> None:
+        from failcore import __version__
+
+        self._trace.record("session.start", None, {
+            "failcore_version": __version__, "policy": getattr(self.policy, "name", None),
+            "format": 1, "confinement": self._confinement.to_wire()})
+
+    @property
+    def confinement(self) -> Confinement:
+        """What kernel confinement is in force for this session's workers, and why not."""
+        return self._confinement.with_tools(tuple(t.confinement for t in self._tools.values()))
 
     @property
     def _zygote(self) -> Zygote | None:
@@ -175,11 +240,15 @@ class Session:
 
     # ----------------------------------------------------------------- lifecycle
     @staticmethod
-    def _finalize(pool: Pool | None, watchdog: Watchdog | None, root: str | None) -> None:
+    def _finalize(pool: Pool | None, watchdog: Watchdog | None, root: str | None,
+                  host: list[tuple[Pool, Watchdog]] | None = None) -> None:
         if watchdog is not None:
             watchdog.stop()
         if pool is not None:
             pool.close()
+        for host_pool, host_watchdog in host or ():
+            host_watchdog.stop()
+            host_pool.close()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -195,7 +264,7 @@ class Session:
         if finalizer is not None:
             finalizer()
         else:
-            Session._finalize(self._pool, self._watchdog, self._root)
+            Session._finalize(self._pool, self._watchdog, self._root, self._host)
         self._trace.record("session.end", None, {"calls": self._calls})
         self._trace.close()
 
@@ -231,18 +300,25 @@ class Session:
         except Exception as exc:
             raise RegistrationError(f"{name}: the tool cannot be serialised for a worker: {exc}") from exc
         env_names = tuple(str(c).split(":", 1)[1] for c in granted if str(c).startswith("env:"))
+        network = _confinement.network_mode(metadata, grants)
+        kernel = _confinement.tool_confinement(name, network, grants,
+                                               self._confinement.landlock_abi)
+        if network == "host" and self._replay is None:
+            self._host_pool()
         with self._lock:
             if self._closed:
                 raise RegistrationError(f"{name}: the session is closed")
             if name in self._tools:
                 raise RegistrationError(f"tool {name!r} is already registered")
-            self._tools[name] = Tool(name, fn, metadata, caps, models, parts, blob, env_names)
+            self._tools[name] = Tool(name, fn, metadata, caps, models, parts, blob, env_names,
+                                     kernel)
         self._trace.record("tool.register", None, {
             "tool": name, "risk_level": metadata.risk_level.value,
             "side_effects": sorted(e.value for e in metadata.side_effects),
             "default_policy": DefaultPolicy(metadata.default_policy).value,
             "capabilities": [str(c) for c in caps], "limits": metadata.limits.to_wire(),
-            "isolation": metadata.effective_isolation,
+            "isolation": metadata.effective_isolation, "network": network,
+            "kernel_notes": list(kernel.notes),
         })
         self._trace.record("policy.grants", None, {
             "tool": name, "granted": [str(c) for c in granted],
@@ -435,15 +511,14 @@ class Session:
                 return outcome
             # Nothing ran, so another worker may take the request. A dead worker usually
             # means a dead zygote: its other prespawned workers are dead too.
-            assert self._pool is not None
-            self._pool.replace_dead_zygote()
+            self._pool_for(tool).replace_dead_zygote()
             outcome = self._dispatch_once(tool, call_id, call_frame)
         if outcome.status == "undelivered":
             outcome.status = "crashed"
         return outcome
 
     def _dispatch_once(self, tool: Tool, call_id: str, call_frame: bytes) -> Outcome:
-        assert self._pool is not None
+        pool = self._pool_for(tool)
         worker, needs_init = self._acquire(tool)
         reuse = False
         handle: _CallHandle | None = getattr(self._local, "handle", None)
@@ -470,7 +545,7 @@ class Session:
                     plain=True)
             self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(call_frame),
                                                      "worker": worker.name}, plain=True)
-            outcome = _dispatch.exchange(self._pool, worker, tool.name, frames,
+            outcome = _dispatch.exchange(pool, worker, tool.name, frames,
                                          tool.limits.timeout_s, tool.limits.output_bytes)
             reuse = outcome.reuse
             if outcome.recv_kind is not None:
@@ -482,19 +557,19 @@ class Session:
         finally:
             if handle is not None:
                 handle.detach()
-            self._release(tool, worker, reuse)
+            self._release(tool, worker, reuse, call_id)
         return outcome
 
     def _acquire(self, tool: Tool) -> tuple[Worker, bool]:
-        assert self._pool is not None
+        pool = self._pool_for(tool)
         if tool.isolation == "call":
-            ready = self._pool.take_ready(tool.name)
+            ready = pool.take_ready(tool.name)
             if ready is not None:
                 return ready, False
             # From now on keep workers of this tool initialised ahead of its calls: a
             # fresh call then costs one round trip, not a lock-down and a load.
-            self._pool.want_ready(tool.name, functools.partial(self._init_frame, tool))
-            return self._pool.take(), True
+            pool.want_ready(tool.name, functools.partial(self._init_frame, tool))
+            return pool.take(), True
         with tool.cond:
             while not tool.free:
                 if tool.count < self._max_workers:
@@ -504,7 +579,7 @@ class Session:
             else:
                 return tool.free.pop(), False
         try:
-            worker = self._pool.take()
+            worker = pool.take()
         except BaseException:
             with tool.cond:
                 tool.count -= 1
@@ -514,24 +589,27 @@ class Session:
         worker.isolation = "tool"
         return worker, True
 
-    def _release(self, tool: Tool, worker: Worker, reuse: bool) -> None:
-        assert self._pool is not None
+    def _release(self, tool: Tool, worker: Worker, reuse: bool, call_id: str) -> None:
+        pool = self._pool_for(tool)
         if tool.isolation == "call":
-            self._pool.retire(worker)
+            pool.retire(worker)
             return
-        if reuse and tool.may_spawn:
-            # A call's processes do not outlive the call, in a warm worker too.
-            for pid in descendants(worker.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        if reuse and not worker.dead:
+            # Warm workers carry nothing across calls: a thread, child or descriptor the
+            # call left behind retires the worker (its tree is killed now: a call's
+            # processes do not outlive the call).
+            left = leftovers(worker)
+            if left is not None:
+                reuse = False
+                worker.kill(f"carried over: {left}")
+                self._trace.record("worker.kill", call_id, {
+                    "worker": worker.name, "reason": worker.kill_reason, "pid": worker.pid})
         with tool.cond:
             if reuse and not worker.dead and not self._closed:
                 tool.free.append(worker)
             else:
                 tool.count -= 1
-                self._pool.retire(worker)
+                pool.retire(worker)
             tool.cond.notify()
 
     def _init_frame(self, tool: Tool, worker: Worker) -> bytes:
@@ -552,6 +630,7 @@ class Session:
             "grants_bytes": tool.parts.grants_bytes, "limits": tool.parts.limits, "env": env,
             "base_dir": worker.base_dir, "sys_path": self._worker_sys_path,
             "isolation": tool.isolation, "uid": self.privilege.uid, "gid": self.privilege.gid,
+            "confinement": self._mode, "network": tool.network,
             "implicit_read": self._implicit_read, "tool_blob": tool.blob,
         }
 
@@ -567,6 +646,12 @@ class Session:
         paths.update(p for p in map(os.path.realpath, filter(None, sys.path))
                      if any(under(p, t) for t in trees))
         paths.update(_SYSTEM_READ)
+        # TLS configuration, but never the private keys beside it (/etc/ssl/private).
+        try:
+            paths.update(os.path.join("/etc/ssl", e) for e in os.listdir("/etc/ssl")
+                         if e != "private")
+        except OSError:
+            pass
         paths.add(os.path.dirname(os.path.abspath(protocol.__file__)))  # the worker package
         return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
 

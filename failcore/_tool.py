@@ -17,8 +17,9 @@ from typing import Any
 import cloudpickle
 
 from failcore._capabilities import Capability
+from failcore._confinement import ToolConfinement
 from failcore._errors import RegistrationError, ToolFailed
-from failcore._metadata import DefaultPolicy, RiskLevel, SideEffect, ToolMetadata
+from failcore._metadata import NETWORK_MODES, DefaultPolicy, RiskLevel, SideEffect, ToolMetadata
 from failcore._token import ToolGrants
 from failcore._validation import ToolModels
 from failcore._workers import Worker
@@ -32,12 +33,12 @@ _MIN_SECRET = 4
 
 class Tool:
     """A registered tool. ``free``/``count`` (under ``cond``) are its warm workers: idle
-    ones, and how many exist; ``may_spawn`` says whether its calls can start processes
-    (then a warm worker's descendants are killed after each call)."""
+    ones, and how many exist."""
 
     def __init__(self, name: str, fn: Callable[..., Any], metadata: ToolMetadata,
                  caps: tuple[Capability, ...], models: ToolModels, parts: ToolGrants,
-                 blob: bytes, env_names: tuple[str, ...]) -> None:
+                 blob: bytes, env_names: tuple[str, ...],
+                 confinement: ToolConfinement | None = None) -> None:
         self.name = name
         self.fn = fn
         self.metadata = metadata
@@ -46,10 +47,12 @@ class Tool:
         self.parts = parts
         self.blob = blob
         self.env_names = env_names
+        # Where its workers run ("none": the empty namespace, "host") and what their
+        # Landlock ruleset leaves out: failcore._confinement.
+        self.confinement = confinement or ToolConfinement(name, "none")
+        self.network = self.confinement.network
         self.limits = metadata.limits
         self.isolation = metadata.effective_isolation
-        grants = parts.grants
-        self.may_spawn = bool(grants.exec) or grants.default != "block"
         self.cond = threading.Condition()
         self.free: list[Worker] = []
         self.count = 0
@@ -90,6 +93,14 @@ def check_invariants(name: str, md: ToolMetadata, caps: tuple[Capability, ...]) 
             "default_policy=ALLOW; use BLOCK (or WARN) and grant capabilities explicitly")
     if md.effective_isolation not in ("tool", "call"):
         raise RegistrationError(f"{name}: isolation must be 'tool' or 'call', got {md.isolation!r}")
+    if md.network not in NETWORK_MODES:
+        raise RegistrationError(
+            f"{name}: network must be one of {', '.join(map(repr, NETWORK_MODES))}, got "
+            f"{md.network!r}")
+    if md.network == "host" and SideEffect.NETWORK not in md.side_effects:
+        raise RegistrationError(
+            f"{name}: network='host' keeps the host's network for a client that connects "
+            "from C; it needs side_effect=SideEffect.NETWORK and net:connect capabilities")
     declared = md.side_effects
     covered = {SideEffect(c.side_effect) for c in caps}
     for effect in sorted(declared - covered, key=lambda e: e.value):

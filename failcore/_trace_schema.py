@@ -99,10 +99,34 @@ class CallError(_Strict):
 # --- bodies, one per kind ------------------------------------------------------------
 
 
+class ConfinementLayer(_Strict):
+    name: str
+    in_force: bool
+    reason: str
+
+
+class ConfinementTool(_Strict):
+    name: str
+    network: Literal["none", "host"]
+    notes: list[str]
+
+
+class ConfinementBody(_Strict):
+    """``failcore._confinement.Confinement.to_wire()``: what kernel confinement the session's
+    workers run under, per layer, and why not."""
+
+    mode: Literal["auto", "require", "off"]
+    landlock_abi: int = Field(ge=0)
+    landlock_rights: list[str]
+    layers: list[ConfinementLayer]
+    tools: list[ConfinementTool]
+
+
 class SessionStartBody(_Strict):
     failcore_version: str
     policy: str | None
     format: Literal[1]
+    confinement: ConfinementBody | None = None
 
 
 class ToolRegisterBody(_Strict):
@@ -113,6 +137,8 @@ class ToolRegisterBody(_Strict):
     capabilities: list[str]
     limits: LimitsBody
     isolation: Isolation
+    network: Literal["none", "host"] | None = None
+    kernel_notes: list[str] | None = None  # what its Landlock ruleset leaves out, and why
 
 
 class CallStartBody(_Strict):

@@ -1,5 +1,9 @@
 """Layers that back each other up: the watchdog (layer 4) when the guards are bypassed,
-the SPEC example as written, refusals before any worker runs, and the uid drop."""
+the SPEC example as written, refusals before any worker runs, and the uid drop.
+
+The watchdog tests run with ``confinement="off"``: with the kernel layers on, the kernel
+refuses these escapes first (tests/test_kernel.py); here the watchdog is shown to be the
+backstop on a kernel without them."""
 
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ def bypass_and_spawn() -> str:
 
 
 def test_watchdog_kills_a_connection_the_guards_missed(listener: int) -> None:
-    with Session() as s:
+    with Session(confinement="off") as s:
         s.register("sneak", bypass_and_connect, ToolMetadata(limits=Limits(timeout_s=20)))
         started = time.monotonic()
         with pytest.raises(SecurityError) as info:
@@ -94,7 +98,7 @@ def test_watchdog_kills_a_connection_the_guards_missed(listener: int) -> None:
 
 
 def test_watchdog_kills_a_child_process_the_guards_missed() -> None:
-    with Session() as s:
+    with Session(confinement="off") as s:
         s.register("spawn", bypass_and_spawn, ToolMetadata(limits=Limits(timeout_s=20)))
         with pytest.raises(SecurityError) as info:
             s.call("spawn")
