@@ -65,6 +65,13 @@ def checks(rows: Mapping[str, Row]) -> list[Check]:
                      rows, "warm_tput_threads", lambda v: v >= 20000.0),
         _bound_check("warm_tput_async", "warm throughput >= 20,000 calls/s with 2 workers, asyncio",
                      rows, "warm_tput_asyncio", lambda v: v >= 20000.0),
+        _ratio_check("kernel_warm", "kernel confinement adds <= 10% to a warm call (issue 16)",
+                     rows, "kernel_warm_on", "kernel_warm_off", lambda r: r <= 1.10,
+                     "the call with confinement=off", "<= 1.10x"),
+        _ratio_check("kernel_fresh", "kernel confinement adds <= 10% to a fresh call: workers are "
+                     "confined before the call arrives (issue 16)",
+                     rows, "kernel_fresh_on", "kernel_fresh_off", lambda r: r <= 1.10,
+                     "the call with confinement=off", "<= 1.10x"),
     ]
 
 

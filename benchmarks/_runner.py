@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import _anchor, _baselines, _failcore_bench
+from benchmarks import _anchor, _baselines, _failcore_bench, _kernel_bench
 from benchmarks._report import bounds_section, checks, checks_table, profile_notes, table
 from benchmarks._timing import Row, Unavailable
 
@@ -44,6 +44,11 @@ class Sizes:
     warm_tput: int
     fresh_tput: int
     anchor: int
+    kernel_warm: int = 20
+    kernel_fresh: int = 10
+    kernel_cold: int = 4
+    leftover: int = 100
+    starts: int = 2
 
     @property
     def warmup(self) -> int:
@@ -52,10 +57,12 @@ class Sizes:
 
 FULL = Sizes(direct_batches=300, direct_per_batch=10_000, pipe=20_000, pools=5000,
              python_start=60, warm=10_000, warm_sparse=300, fresh=2000, fresh_sparse=500,
-             warm_tput=20_000, fresh_tput=1000, anchor=5000)
+             warm_tput=20_000, fresh_tput=1000, anchor=5000, kernel_warm=10_000,
+             kernel_fresh=1000, kernel_cold=300, leftover=10_000, starts=10)
 QUICK = Sizes(direct_batches=30, direct_per_batch=2000, pipe=800, pools=400, python_start=10,
               warm=800, warm_sparse=30, fresh=150, fresh_sparse=60, warm_tput=1600,
-              fresh_tput=120, anchor=400)
+              fresh_tput=120, anchor=400, kernel_warm=800, kernel_fresh=100, kernel_cold=40,
+              leftover=1000, starts=3)
 
 
 def _machine() -> dict[str, str]:
@@ -119,6 +126,17 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
     c.run("fresh_traced", "fresh, traced", lambda: _failcore_bench.measure_call("call", True, sizes.fresh, 20))
     c.run("fresh_traced_sparse", "fresh, traced, sparse", lambda: _failcore_bench.measure_call(
         "call", True, sizes.fresh_sparse, 10, gap_s=SPARSE_GAP_S))
+    c.run("kernel_warm", "warm, kernel confinement vs off",
+          lambda: _kernel_bench.measure_overhead("tool", sizes.kernel_warm, warmup=w))
+    c.run("kernel_fresh", "fresh, kernel confinement vs off",
+          lambda: _kernel_bench.measure_overhead("call", sizes.kernel_fresh))
+    c.run("kernel_cold", "cold worker (fork + lock-down), kernel confinement vs off",
+          lambda: _kernel_bench.measure_overhead("call", sizes.kernel_cold, blocks=5, warmup=2,
+                                                 prespawn=0))
+    c.run("leftover_check", "warm worker leftover check",
+          lambda: _kernel_bench.measure_leftover_check(sizes.leftover))
+    c.run("start", "Session() start, kernel confinement vs off",
+          lambda: _kernel_bench.measure_session_start(sizes.starts))
     tput: tuple[tuple[_failcore_bench.Isolation, int], ...] = (
         ("tool", sizes.warm_tput), ("call", sizes.fresh_tput))
     for isolation, calls in tput:

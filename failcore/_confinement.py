@@ -75,12 +75,16 @@ class ToolConfinement:
     notes: tuple[str, ...] = ()
 
 
-def tool_confinement(name: str, network: str, grants: Grants, abi: int) -> ToolConfinement:
-    """The notes of the ruleset a worker of this tool will build (the same ``plan``)."""
-    if abi == 0:
-        return ToolConfinement(name, network, ())
-    plan = _landlock.plan(grants, (), (), abi, host_network=network == "host")
-    return ToolConfinement(name, network, plan.notes)
+def tool_plan(grants: Grants, network: str, implicit: tuple[str, ...], report: dict[str, Any],
+              mode: str) -> _landlock.Plan | None:
+    """The Landlock ruleset of this tool's workers (None: no Landlock, or confinement off),
+    made here once per tool and sent with each ``init``: a worker only adds its scratch
+    directory and enforces it. ``report`` is the zygote's (ABI, the loader's paths)."""
+    abi = int(report.get("landlock_abi", 0))
+    if mode == "off" or abi == 0:
+        return None
+    loader = tuple(report.get("loader_paths", ()))
+    return _landlock.plan(grants, (), (*implicit, *loader), abi, host_network=network == "host")
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,7 @@ class Session:
         # when the first tool that needs it registers; (pool, watchdog) once it exists.
         self._host: list[tuple[Pool, Watchdog]] = []
         self._root: str | None = None
+        self._implicit_read: list[str] = []
         self._confinement = _confinement.off("replay session: no worker runs", None)
         if self._replay is not None:
             self._record_start()
@@ -301,8 +302,9 @@ class Session:
             raise RegistrationError(f"{name}: the tool cannot be serialised for a worker: {exc}") from exc
         env_names = tuple(str(c).split(":", 1)[1] for c in granted if str(c).startswith("env:"))
         network = _confinement.network_mode(metadata, grants)
-        kernel = _confinement.tool_confinement(name, network, grants,
-                                               self._confinement.landlock_abi)
+        plan = _confinement.tool_plan(grants, network, tuple(self._implicit_read),
+                                      self._zygote.report if self._zygote else {}, self._mode)
+        kernel = _confinement.ToolConfinement(name, network, plan.notes if plan else ())
         if network == "host" and self._replay is None:
             self._host_pool()
         with self._lock:
@@ -311,7 +313,7 @@ class Session:
             if name in self._tools:
                 raise RegistrationError(f"tool {name!r} is already registered")
             self._tools[name] = Tool(name, fn, metadata, caps, models, parts, blob, env_names,
-                                     kernel)
+                                     kernel, plan)
         self._trace.record("tool.register", None, {
             "tool": name, "risk_level": metadata.risk_level.value,
             "side_effects": sorted(e.value for e in metadata.side_effects),
@@ -631,8 +633,19 @@ class Session:
             "base_dir": worker.base_dir, "sys_path": self._worker_sys_path,
             "isolation": tool.isolation, "uid": self.privilege.uid, "gid": self.privilege.gid,
             "confinement": self._mode, "network": tool.network,
+            "landlock": self._plan_for(tool),
             "implicit_read": self._implicit_read, "tool_blob": tool.blob,
         }
+
+    def _plan_for(self, tool: Tool) -> Any:
+        """The tool's Landlock plan; made again while a path it names does not exist yet
+        (a grant's directory created after registration gets its rule from then on)."""
+        plan = tool.kernel_plan
+        if plan is not None and plan.missing and self._zygote is not None:
+            plan = tool.kernel_plan = _confinement.tool_plan(
+                tool.parts.grants, tool.network, tuple(self._implicit_read),
+                self._zygote.report, self._mode)
+        return plan
 
     @staticmethod
     def _implicit_reads() -> list[str]:

@@ -38,7 +38,7 @@ class Tool:
     def __init__(self, name: str, fn: Callable[..., Any], metadata: ToolMetadata,
                  caps: tuple[Capability, ...], models: ToolModels, parts: ToolGrants,
                  blob: bytes, env_names: tuple[str, ...],
-                 confinement: ToolConfinement | None = None) -> None:
+                 confinement: ToolConfinement | None = None, kernel_plan: Any = None) -> None:
         self.name = name
         self.fn = fn
         self.metadata = metadata
@@ -51,6 +51,7 @@ class Tool:
         # Landlock ruleset leaves out: failcore._confinement.
         self.confinement = confinement or ToolConfinement(name, "none")
         self.network = self.confinement.network
+        self.kernel_plan = kernel_plan  # failcore_worker._landlock.Plan, sent with each init
         self.limits = metadata.limits
         self.isolation = metadata.effective_isolation
         self.cond = threading.Condition()

@@ -126,3 +126,20 @@ def test_runner_end_to_end() -> None:
     assert "| target | measured | result |" in stdout
     for heading in ("## Results", "## Targets", "## What bounds it"):
         assert heading in md
+
+
+def test_kernel_rows() -> None:
+    from benchmarks import _kernel_bench
+
+    rows = _kernel_bench.measure_overhead("tool", 4, blocks=2, warmup=1)
+    assert [r.key for r in rows] == ["kernel_warm_on", "kernel_warm_off"]
+    for r in rows:
+        _ok(r, "µs")
+    assert "confinement=off" in rows[0].note
+    rows = _kernel_bench.measure_overhead("call", 2, blocks=1, warmup=1, prespawn=0)
+    assert rows[0].key == "kernel_cold_on"
+    _ok(_kernel_bench.measure_leftover_check(3), "µs")
+    rows = _kernel_bench.measure_session_start(1)
+    assert [r.key for r in rows] == ["start_on", "start_off", "start_prepare"]
+    for r in rows:
+        _ok(r, "µs")

@@ -39,6 +39,11 @@ _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Looked up once, at import in the zygote: every forked worker inherits the bound
+# functions instead of paying dlsym and a new function object at lock-down.
+_capset, _capget, _prctl_fn, _unshare = _libc.capset, _libc.capget, _libc.prctl, _libc.unshare
+_prctl_fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,11 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
+_CapSets = _CapData * 2  # version 3: two 32-bit halves of each set
+
+
 def _prctl(option: int, arg: int = 0) -> int:
-    result: int = _libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                              ctypes.c_ulong(0))
+    result: int = _prctl_fn(option, arg, 0, 0, 0)
     return result
 
 
@@ -113,10 +120,10 @@ def clear_capabilities() -> Layer:
     """Empty effective, permitted and inheritable sets (after any uid drop); the ambient
     set, a subset of permitted, empties with them. Checked back with capget()."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _libc.capset(ctypes.byref(header), data) != 0:
+    data = _CapSets()
+    if _capset(ctypes.byref(header), data) != 0:
         return Layer(False, f"capset() failed: {_errno_text()}")
-    if _libc.capget(ctypes.byref(header), data) != 0:
+    if _capget(ctypes.byref(header), data) != 0:
         return Layer(False, f"capget() failed: {_errno_text()}")
     if any(d.effective or d.permitted or d.inheritable for d in data):
         return Layer(False, "capabilities left after capset()")
@@ -159,14 +166,14 @@ def enter_empty_netns(allow_userns: bool) -> tuple[Layer, Layer]:
         why = "the process has several threads (unshare needs one)"
         return Layer(False, why), Layer(False, why)
     no_userns = Layer(False, "not needed: the zygote may create a network namespace itself")
-    if _libc.unshare(_CLONE_NEWNET) == 0:
+    if _unshare(_CLONE_NEWNET) == 0:
         return Layer(True, "empty network namespace (unshare CLONE_NEWNET), loopback down"), no_userns
     direct = _errno_text()
     if not allow_userns:
         why = f"unshare(CLONE_NEWNET) failed: {direct}; a user namespace would break the uid drop"
         return Layer(False, why), Layer(False, "not used: workers drop to another uid")
     uid, gid = os.getuid(), os.getgid()
-    if _libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+    if _unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
         why = (f"unshare(CLONE_NEWNET) failed ({direct}) and so did "
                f"unshare(CLONE_NEWUSER|CLONE_NEWNET): {_errno_text()} (user namespaces disabled?)")
         return Layer(False, why), Layer(False, why)

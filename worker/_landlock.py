@@ -41,7 +41,7 @@ import glob
 import os
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from failcore_worker import rules
 from failcore_worker.rules import Grants
@@ -88,7 +88,9 @@ _NATIVE_READ = ("/etc/ld.so.cache", "/etc/ld.so.preload", "/etc/passwd", "/etc/g
 _LIB_DIRS = ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib")
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_syscall = _libc.syscall  # bound once, in the zygote: workers inherit it
+_syscall.restype = ctypes.c_long
+_O_PATH = os.O_PATH | os.O_CLOEXEC
 
 
 class LandlockError(OSError):
@@ -111,7 +113,7 @@ class _NetPort(ctypes.Structure):
 
 def abi_version() -> int:
     """The running kernel's Landlock ABI (0: none, or disabled at boot)."""
-    version = int(_libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0),
+    version = int(_syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0),
                                 ctypes.c_uint32(_CREATE_RULESET_VERSION)))
     return max(version, 0)
 
@@ -155,7 +157,8 @@ class Plan:
     """One ruleset: rights handled (denied unless a rule allows them) and the rules.
 
     ``paths``: (resolved path, rights) pairs; ``ports``: TCP ports connect may reach;
-    ``bind_ports``: TCP ports bind may take (0: an ephemeral one);
+    ``bind_ports``: TCP ports bind may take (0: an ephemeral one); ``missing``: named
+    paths that did not exist (a plan with some is worth making again later);
     ``notes``: what was left out and why (a path that does not exist, a port range too
     wide for per-port rules, files not handled under a permissive default).
     """
@@ -168,6 +171,13 @@ class Plan:
     ports: tuple[int, ...] = ()
     notes: tuple[str, ...] = field(default=())
     bind_ports: tuple[int, ...] = ()
+    missing: tuple[str, ...] = ()
+
+    def with_scratch(self, path: str) -> Plan:
+        """This plan plus a worker's own scratch directory, read-write (when files are
+        handled at all)."""
+        access = WRITE & self.fs
+        return replace(self, paths=(*self.paths, (path, access))) if access else self
 
     def summary(self) -> dict[str, object]:
         return {"abi": self.abi, "fs": describe_fs(self.fs),
@@ -207,7 +217,8 @@ def loader_paths() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1024)
 def _kind(path: str) -> tuple[str, bool] | None:
     """(real path, is a directory) or None when it does not exist. Cached: the zygote
-    resolves the implicit reads once (``warm``) and every worker inherits the answers."""
+    resolves the implicit reads once (``warm``) and every worker inherits the answers
+    (only a worker that stacks a narrower ruleset plans for itself)."""
     real = os.path.realpath(path)
     if not os.path.exists(real):
         return None
@@ -305,7 +316,9 @@ def program_files(program: str) -> list[str]:
 def plan(grants: Grants, scratch: Sequence[str], implicit: Iterable[str], abi: int,
          host_network: bool = False) -> Plan:
     """The ruleset for a worker running with ``grants`` (pure but for stat/realpath and
-    reading the headers of granted programs)."""
+    reading the headers of granted programs). The parent makes it once per tool and
+    sends it with ``init`` (the worker adds its scratch directory: ``with_scratch``), so a
+    worker's lock-down is only ``restrict``."""
     notes: list[str] = []
     all_fs = fs_rights(abi)
     files_handled = grants.default == "block" or grants.fs_root is not None
@@ -317,13 +330,16 @@ def plan(grants: Grants, scratch: Sequence[str], implicit: Iterable[str], abi: i
         notes.append(f"files not handled: default_policy={grants.default.upper()} allows what no "
                      "grant names (device nodes are still refused)")
     rights: dict[str, int] = {}
+    missing: list[str] = []
 
     def allow(path: str, access: int, why: str) -> None:
         if not path:
             return
         found = _kind(path)
         if found is None:
-            notes.append(f"{why} {path}: does not exist, no rule")
+            if why != "implicit read":
+                notes.append(f"{why} {path}: does not exist, no rule")
+                missing.append(path)
             return
         real, is_dir = found
         if not is_dir:
@@ -346,6 +362,7 @@ def plan(grants: Grants, scratch: Sequence[str], implicit: Iterable[str], abi: i
             files = program_files(program)
             if not files:
                 notes.append(f"proc:exec:{program}: not found, no rule")
+                missing.append(program)
             for path in files:
                 allow(path, RUN, f"proc:exec:{program}")
     net = net_rights(abi)
@@ -372,7 +389,7 @@ def plan(grants: Grants, scratch: Sequence[str], implicit: Iterable[str], abi: i
         notes.append(f"signals and abstract unix sockets not scoped: Landlock ABI {abi} < 6")
     bind_ports = (0,) if net and host_network else ()
     return Plan(abi, handled, net, scopes(abi), _minimal(rights), tuple(ports), tuple(notes),
-                bind_ports)
+                bind_ports, tuple(missing))
 
 
 def _check(result: int, what: str) -> int:
@@ -389,29 +406,27 @@ def restrict(p: Plan) -> None:
     Raises LandlockError; once this returns the domain cannot be lifted.
     """
     attr = _RulesetAttr(p.fs, p.net, p.scoped)
-    fd = _check(int(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr),
-                                  ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0))),
-                "landlock_create_ruleset")
+    fd = _check(int(_syscall(_SYS_CREATE_RULESET, ctypes.byref(attr),
+                             ctypes.c_size_t(ctypes.sizeof(attr)), 0)), "landlock_create_ruleset")
     try:
+        rule = _PathBeneath()
+        ref = ctypes.byref(rule)
         for path, access in p.paths:
             try:
-                target = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                target = os.open(path, _O_PATH)
             except OSError:
                 continue  # gone or unreachable since planning: no rule, so no access
-            try:
-                rule = _PathBeneath(access, target)
-                _check(int(_libc.syscall(_SYS_ADD_RULE, fd, _RULE_PATH_BENEATH,
-                                         ctypes.byref(rule), ctypes.c_uint32(0))),
-                       f"landlock_add_rule({path})")
-            finally:
-                os.close(target)
+            rule.allowed_access, rule.parent_fd = access, target
+            done = _syscall(_SYS_ADD_RULE, fd, _RULE_PATH_BENEATH, ref, 0)
+            os.close(target)
+            _check(done, f"landlock_add_rule({path})")
+        net_rule = _NetPort()
+        net_ref = ctypes.byref(net_rule)
         for access, ports in ((NET_CONNECT_TCP, p.ports), (NET_BIND_TCP, p.bind_ports)):
             for port in ports:
-                net_rule = _NetPort(access, port)
-                _check(int(_libc.syscall(_SYS_ADD_RULE, fd, _RULE_NET_PORT,
-                                         ctypes.byref(net_rule), ctypes.c_uint32(0))),
+                net_rule.allowed_access, net_rule.port = access, port
+                _check(_syscall(_SYS_ADD_RULE, fd, _RULE_NET_PORT, net_ref, 0),
                        f"landlock_add_rule(port {port})")
-        _check(int(_libc.syscall(_SYS_RESTRICT_SELF, fd, ctypes.c_uint32(0))),
-               "landlock_restrict_self")
+        _check(_syscall(_SYS_RESTRICT_SELF, fd, 0), "landlock_restrict_self")
     finally:
         os.close(fd)

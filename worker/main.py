@@ -55,6 +55,7 @@ class _State:
         self.next_dir: str | None = None
         self.used_dir: str | None = None
         self.kernel: dict[str, Layer] = {}
+        self.real_base = ""
         self.host_network = False
         self.stacked = False
 
@@ -100,6 +101,7 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
     state.limits = body["limits"]
     state.base_dir = body["base_dir"]
     os.chdir(state.base_dir)
+    state.real_base = os.getcwd()  # resolved by the kernel: the scratch rule's path
     os.environ.clear()
     os.environ.update(body["env"])
     for entry in body.get("sys_path", ()):
@@ -130,7 +132,7 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
     if mode != "off":
         kernel["capabilities"] = _kernel.clear_capabilities()
         kernel["no_new_privs"] = _kernel.set_no_new_privs()
-        kernel["landlock"] = _confine_files(state, grants)
+        kernel["landlock"] = _confine_files(state, body.get("landlock"))
         missing = [f"{name}: {layer.reason}" for name, layer in kernel.items()
                    if not layer.in_force]
         if mode == "require" and missing:
@@ -140,21 +142,19 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
     state.fn = cloudpickle.loads(body["tool_blob"])
 
 
-def _confine_files(state: _State, grants: Grants) -> Layer:
-    """Enter a Landlock domain for ``grants`` (this worker's files, ports, signals)."""
-    abi = _landlock.cached_abi()
-    if abi == 0:
+def _confine_files(state: _State, plan: _landlock.Plan | None) -> Layer:
+    """Enter the Landlock domain the parent planned for this tool (files, ports, signals),
+    plus this worker's scratch directory."""
+    if plan is None:
         return Layer(False, "the kernel has no Landlock (or it is disabled)")
     if not _kernel.single_threaded():
         return Layer(False, "the worker has several threads (Landlock binds one thread)")
-    plan = _landlock.plan(grants, (state.base_dir,),
-                          (*grants.implicit_read, *_landlock.loader_paths()), abi,
-                          host_network=state.host_network)
+    plan = plan.with_scratch(state.real_base)
     try:
         _landlock.restrict(plan)
     except OSError as exc:
         return Layer(False, str(exc))
-    return Layer(True, f"Landlock ABI {abi}, {len(plan.paths) + len(plan.ports)} rules")
+    return Layer(True, f"Landlock ABI {plan.abi}, {len(plan.paths) + len(plan.ports)} rules")
 
 
 def _stack_narrower(state: _State, grants: Grants) -> None:
@@ -166,7 +166,7 @@ def _stack_narrower(state: _State, grants: Grants) -> None:
         return
     guards.runtime_begin()  # the guards refuse ctypes calls; this one is the run loop's
     try:
-        plan = _landlock.plan(grants, (state.base_dir,),
+        plan = _landlock.plan(grants, (state.real_base,),
                               (*grants.implicit_read, *_landlock.loader_paths()),
                               _landlock.cached_abi(), host_network=state.host_network)
         _landlock.restrict(plan)

@@ -158,8 +158,10 @@ def _prepare(options: dict[str, Any], resolve: tuple[str, ...]) -> dict[str, Any
     if options.get("kernel"):
         report["bounding"] = _kernel.drop_bounding_set().to_wire()  # inherited by every fork
         report["landlock_abi"] = _landlock.cached_abi()
-        # Resolved once here, inherited by every worker: their rulesets only resolve grants.
+        # Resolved once here, inherited by every worker (a worker that stacks a narrower
+        # ruleset plans for itself); the parent plans each tool's ruleset with these.
         _landlock.warm(resolve)
+        report["loader_paths"] = list(_landlock.loader_paths())
     probe = options.get("selftest")
     if probe is not None:
         report["selftest"] = _selftest.run(probe, resolve)
