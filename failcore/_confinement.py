@@ -76,15 +76,17 @@ class ToolConfinement:
 
 
 def tool_plan(grants: Grants, network: str, implicit: tuple[str, ...], report: dict[str, Any],
-              mode: str) -> _landlock.Plan | None:
+              mode: str, search_path: str) -> _landlock.Plan | None:
     """The Landlock ruleset of this tool's workers (None: no Landlock, or confinement off),
     made here once per tool and sent with each ``init``: a worker only adds its scratch
-    directory and enforces it. ``report`` is the zygote's (ABI, the loader's paths)."""
+    directory and enforces it. ``report`` is the zygote's (ABI, the loader's paths);
+    ``search_path`` the worker's PATH, on which bare ``proc:exec`` names are found."""
     abi = int(report.get("landlock_abi", 0))
     if mode == "off" or abi == 0:
         return None
     loader = tuple(report.get("loader_paths", ()))
-    return _landlock.plan(grants, (), (*implicit, *loader), abi, host_network=network == "host")
+    return _landlock.plan(grants, (), (*implicit, *loader), abi, host_network=network == "host",
+                          search_path=search_path)
 
 
 @dataclass(frozen=True)
@@ -194,8 +196,15 @@ def _err(code: Any) -> str:
     return f"failed with {errno.errorcode.get(code, str(code))}"
 
 
-def _refused(code: Any) -> bool:
-    return isinstance(code, int) and code != 0
+# The errno each probe must get for its layer to count as in force: any other failure
+# (ENOENT: /bin/true missing, ...) proves nothing.
+_EXPECTED = {"connect_before": (errno.ENETUNREACH, errno.EACCES, errno.EPERM),
+             "open": (errno.EACCES, errno.EPERM), "exec": (errno.EACCES, errno.EPERM),
+             "connect": (errno.EACCES,), "signal": (errno.EPERM,), "abstract": (errno.EPERM,)}
+
+
+def _refused(test: dict[str, Any], probe: str) -> bool:
+    return test.get(probe) in _EXPECTED[probe]
 
 
 def _uid_layer(privilege: PrivilegePlan | None) -> LayerStatus:
@@ -225,7 +234,7 @@ def judge(mode: str, report: dict[str, Any], arrived: tuple[int, int],
     before, after = test.get("connect_before"), test.get("connect")
     if not ns["in_force"]:
         netns = LayerStatus("netns", False, str(ns["reason"]))
-    elif arrived[0] or not _refused(before):
+    elif arrived[0] or not _refused(test, "connect_before"):
         netns = LayerStatus("netns", False, "the zygote entered a network namespace, but a "
                             f"connect from it reached the parent's loopback listener ({_err(before)})")
     else:
@@ -248,14 +257,14 @@ def judge(mode: str, report: dict[str, Any], arrived: tuple[int, int],
     else:
         opened, ran = test.get("open"), test.get("exec")
         landlock = LayerStatus(
-            "landlock", _refused(opened) and _refused(ran),
+            "landlock", _refused(test, "open") and _refused(test, "exec"),
             f"{ll['reason']}, {len(rights)} file rights handled; a forbidden open "
             f"{_err(opened)}, exec of /bin/true {_err(ran)}")
         if abi < 4:
             net = LayerStatus("landlock_net", False, f"Landlock ABI {abi} < 4: no TCP rules "
                               "(kernel 6.7 or later)")
         else:
-            net = LayerStatus("landlock_net", _refused(after) and not arrived[1],
+            net = LayerStatus("landlock_net", _refused(test, "connect") and not arrived[1],
                               f"TCP bind/connect handled; a connect to the parent's listener "
                               f"{_err(after)}"
                               + ("; and it ARRIVED" if arrived[1] else ""))
@@ -264,7 +273,8 @@ def judge(mode: str, report: dict[str, Any], arrived: tuple[int, int],
                                  "and abstract unix sockets not scoped (kernel 6.12 or later)")
         else:
             sig, uds = test.get("signal"), test.get("abstract")
-            scopes = LayerStatus("landlock_scopes", _refused(sig) and _refused(uds),
+            scopes = LayerStatus("landlock_scopes",
+                                 _refused(test, "signal") and _refused(test, "abstract"),
                                  f"signal to the zygote {_err(sig)}, abstract unix socket "
                                  f"connect {_err(uds)}")
     if mode == "off":

@@ -303,7 +303,8 @@ class Session:
         env_names = tuple(str(c).split(":", 1)[1] for c in granted if str(c).startswith("env:"))
         network = _confinement.network_mode(metadata, grants)
         plan = _confinement.tool_plan(grants, network, tuple(self._implicit_read),
-                                      self._zygote.report if self._zygote else {}, self._mode)
+                                      self._zygote.report if self._zygote else {}, self._mode,
+                                      self._worker_path(env_names))
         kernel = _confinement.ToolConfinement(name, network, plan.notes if plan else ())
         if network == "host" and self._replay is None:
             self._host_pool()
@@ -617,13 +618,23 @@ class Session:
     def _init_frame(self, tool: Tool, worker: Worker) -> bytes:
         return protocol.encode("init", self._init_body(tool, worker))
 
-    def _init_body(self, tool: Tool, worker: Worker) -> dict[str, Any]:
-        env = dict(MINIMAL_ENV, HOME=worker.base_dir, TMPDIR=worker.base_dir)
-        for pattern in tool.env_names:
+    @staticmethod
+    def _granted_env(env_names: tuple[str, ...]) -> dict[str, str]:
+        """The granted variables of a worker's environment (over MINIMAL_ENV, HOME, TMPDIR)."""
+        env: dict[str, str] = {}
+        for pattern in env_names:
             if pattern.endswith("*"):
                 env.update({k: v for k, v in os.environ.items() if k.startswith(pattern[:-1])})
             elif pattern in os.environ:
                 env[pattern] = os.environ[pattern]
+        return env
+
+    def _worker_path(self, env_names: tuple[str, ...]) -> str:
+        return self._granted_env(env_names).get("PATH", MINIMAL_ENV["PATH"])
+
+    def _init_body(self, tool: Tool, worker: Worker) -> dict[str, Any]:
+        env = dict(MINIMAL_ENV, HOME=worker.base_dir, TMPDIR=worker.base_dir)
+        env.update(self._granted_env(tool.env_names))
         worker.extra["grants"] = tool.parts.grants
         worker.extra["memory_mb"] = tool.limits.memory_mb
         worker.extra["processes"] = tool.limits.processes
@@ -644,7 +655,7 @@ class Session:
         if plan is not None and plan.missing and self._zygote is not None:
             plan = tool.kernel_plan = _confinement.tool_plan(
                 tool.parts.grants, tool.network, tuple(self._implicit_read),
-                self._zygote.report, self._mode)
+                self._zygote.report, self._mode, self._worker_path(tool.env_names))
         return plan
 
     @staticmethod

@@ -70,6 +70,12 @@ def test_a_probe_that_got_through_takes_its_layer_out(probe: str, layer: str) ->
     assert "succeeded" in report.layer(layer).reason
 
 
+def test_a_failure_that_is_not_the_kernels_refusal_proves_nothing() -> None:
+    report = judged(good_report(exec=errno.ENOENT))  # /bin/true missing: exec proves nothing
+    assert not report.layer("landlock").in_force
+    assert "ENOENT" in report.layer("landlock").reason
+
+
 def test_the_parents_listener_outranks_the_childs_word() -> None:
     report = judged(good_report(), arrived=(1, 0))
     assert not report.layer("netns").in_force

@@ -405,6 +405,13 @@ def test_parent_environment_and_own_memory(session: Session) -> None:
     assert session.call("mem") == errno.EACCES
 
 
+@pytest.mark.skipif(not os.path.isdir("/etc/ssl/private"), reason="no /etc/ssl/private here")
+def test_tls_private_keys_are_not_an_implicit_read(session: Session) -> None:
+    session.register("keys", read_guards_off, meta())
+    assert session.call("keys", where=["etc", "ssl", "private"]) == errno.EACCES
+    assert session.call("keys", where=["etc", "ssl", "openssl.cnf"]) == 0, "TLS config is"
+
+
 def test_device_node_and_fifo(session: Session, tree: dict[str, Path]) -> None:
     session.register("mknod", mknod_char_device, meta())
     assert session.call("mknod") in (errno.EACCES, errno.EPERM)
@@ -430,6 +437,23 @@ def test_libc_execv_and_reimported_posixsubprocess(session: Session) -> None:
     assert session.call("execv") == errno.EACCES
     session.register("spawn", reimported_posixsubprocess, meta())
     assert session.call("spawn") == 255, "execve of /bin/sh failed in the child"
+
+
+def run_bare(name: str) -> int:
+    return subprocess.run([name], check=False, timeout=10).returncode
+
+
+def test_bare_program_name_is_found_on_the_workers_path(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``proc:exec:true`` means the ``true`` the worker's PATH finds, not the parent's."""
+    shadow = tmp_path / "bin"
+    shadow.mkdir()
+    (shadow / "true").write_text("#!/bin/sh\nexit 3\n")
+    (shadow / "true").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shadow}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    with Session(confinement="require") as s:
+        s.register("t", run_bare, meta("proc:exec:true"))
+        assert s.call("t", name="true") == 0
 
 
 def test_granted_program_cannot_read_outside_the_grants(session: Session,

@@ -39,11 +39,11 @@ import ctypes
 import functools
 import glob
 import os
+import shutil
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from failcore_worker import rules
 from failcore_worker.rules import Grants
 
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
@@ -296,10 +296,15 @@ def _script_interpreter(path: str) -> str | None:
     return os.fsdecode(words[0]) if words else None
 
 
-def program_files(program: str) -> list[str]:
+def program_files(program: str, search_path: str | None = None) -> list[str]:
     """The files the kernel opens to exec ``program``: the program, its ELF interpreter,
-    or for a ``#!`` script its interpreter and that one's ELF interpreter."""
-    resolved = rules._resolve_program(program)
+    or for a ``#!`` script its interpreter and that one's ELF interpreter. A bare name is
+    looked up on ``search_path`` (the worker's PATH; default: this process's)."""
+    if "/" in program:
+        resolved: str | None = os.path.realpath(program)
+    else:
+        found = shutil.which(program, path=search_path)
+        resolved = os.path.realpath(found) if found else None
     if resolved is None or not os.path.isfile(resolved):
         return []
     files = [resolved]
@@ -314,7 +319,7 @@ def program_files(program: str) -> list[str]:
 
 
 def plan(grants: Grants, scratch: Sequence[str], implicit: Iterable[str], abi: int,
-         host_network: bool = False) -> Plan:
+         host_network: bool = False, search_path: str | None = None) -> Plan:
     """The ruleset for a worker running with ``grants`` (pure but for stat/realpath and
     reading the headers of granted programs). The parent makes it once per tool and
     sends it with ``init`` (the worker adds its scratch directory: ``with_scratch``), so a
@@ -359,7 +364,7 @@ def plan(grants: Grants, scratch: Sequence[str], implicit: Iterable[str], abi: i
             allow(grants.fs_root, WRITE, "fs_safe root")
     if handled & EXECUTE and not grants.deny_exec:
         for program in grants.exec:
-            files = program_files(program)
+            files = program_files(program, search_path)
             if not files:
                 notes.append(f"proc:exec:{program}: not found, no rule")
                 missing.append(program)
