@@ -526,6 +526,34 @@ def test_no_blocked_guard_event_was_needed(session: Session, tmp_path: Path,
     assert not [g for g in guards if g["action"] == "block"], guards
 
 
+# --- rights only shrink, in the kernel too ----------------------------------------------------
+
+
+def test_a_narrower_token_stacks_a_narrower_domain(session: Session, tree: dict[str, Path]) -> None:
+    """A warm worker locked down to data/ that receives a token for data/sub/ only: with
+    the guards off, the kernel refuses what the token dropped, and the worker retires."""
+    import dataclasses
+
+    from failcore import _wire
+    from failcore._token import ToolGrants
+    from failcore_worker import protocol
+    from failcore_worker.rules import FsRule
+
+    (tree["data"] / "sub").mkdir()
+    (tree["data"] / "sub" / "b.txt").write_text("B")
+    session.register("read", read_guards_off, meta(f"fs:read:{tree['data']}", isolation="tool"))
+    assert session.call("read", where=parts(tree["data"] / "in.txt")) == 0
+    tool: Any = session._tools["read"]
+    worker = tool.free[0]
+    narrower = dataclasses.replace(tool.parts.grants,
+                                   fs=(FsRule(str(tree["data"] / "sub"), write=False),))
+    token, mac = session._minter.mint("n1", "read", ToolGrants.build(narrower, tool.parts.limits), 5)
+    worker.send("call", {"token": token, "mac": mac, "args": {"where": parts(tree["data"] / "in.txt")}})
+    kind, body = _wire.decode(protocol.recv_frame(worker.chan))
+    assert (kind, body["value"]) == ("result", errno.EACCES)
+    assert body["retire"] is True, "a worker narrowed in the kernel is not reused"
+
+
 # --- the same, unprivileged ------------------------------------------------------------------
 
 _UNPRIVILEGED = r"""
