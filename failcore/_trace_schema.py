@@ -160,7 +160,8 @@ class IpcBody(_Open):
 
 
 class GuardBody(_Strict):
-    """A guarded operation the worker reported (``failcore_worker.rules.GuardEvent``)."""
+    """A guarded operation the worker reported (``failcore_worker.rules.GuardEvent``), or
+    one the parent's socket broker observed itself (``observed: "parent"``)."""
 
     op: str
     action: Action
@@ -173,6 +174,7 @@ class GuardBody(_Strict):
     path: str | None = None
     write: bool | None = None
     program: str | None = None
+    observed: Literal["parent"] | None = None
 
 
 class CallEndBody(_Strict):
