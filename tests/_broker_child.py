@@ -355,6 +355,19 @@ def s_lookups(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def s_options(p: dict[str, Any]) -> dict[str, Any]:
+    """Options set before connect hold on the connected socket (urllib3 sets TCP_NODELAY)."""
+    wanted = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+              (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77), (socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]
+    with socket.socket() as s:
+        for level, name, value in wanted:
+            s.setsockopt(level, name, value)
+        s.settimeout(7.5)
+        s.connect((p["host"], p["port"]))
+        return {"options": [s.getsockopt(level, name) for level, name, _ in wanted],
+                "timeout": s.gettimeout(), "blocking": s.getblocking()}
+
+
 def s_unix(p: dict[str, Any]) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(p["path"])
@@ -427,7 +440,7 @@ def s_disconnect(p: dict[str, Any]) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "clients": s_clients, "tls": s_tls, "native": s_native, "errors": s_errors,
-    "concurrent": s_concurrent, "fds": s_fds, "lookups": s_lookups, "unix": s_unix,
+    "concurrent": s_concurrent, "fds": s_fds, "options": s_options, "lookups": s_lookups, "unix": s_unix,
     "between_calls": s_between_calls, "budget": s_budget, "with_guards": s_with_guards,
     "disconnect": s_disconnect,
 }

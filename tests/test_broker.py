@@ -153,6 +153,14 @@ def test_no_descriptor_leaks_on_either_side(server: HTTPServer, closed: int, pri
     assert run.parent_fds[1] == run.parent_fds[0]  # this process's: every passed fd closed
 
 
+@PRIVILEGE
+def test_socket_options_and_timeout_carry_over(server: HTTPServer, privileged: bool) -> None:
+    params = {"host": "127.0.0.1", "port": server.port}
+    run = run_child("options", params, loopback(server.port), privileged=privileged)
+    assert run.result == child.s_options(params)  # as a direct connect leaves them
+    assert run.result["timeout"] == 7.5 and run.result["options"][:3] == [1, 1, 77]
+
+
 # --- what is not brokered gets the kernel's answer -----------------------------------------------
 
 

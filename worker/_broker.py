@@ -52,6 +52,7 @@ Ask = Callable[[str, dict[str, Any]], tuple[dict[str, Any], list[int]]]
 
 _orig_connect = socket.socket.connect
 _orig_connect_ex = socket.socket.connect_ex
+_orig_setsockopt = socket.socket.setsockopt
 _orig_getaddrinfo = socket.getaddrinfo
 _orig_gethostbyname = socket.gethostbyname
 _orig_gethostbyname_ex = socket.gethostbyname_ex
@@ -59,20 +60,6 @@ _orig_gethostbyaddr = socket.gethostbyaddr
 _orig_getnameinfo = socket.getnameinfo
 
 _INET = (socket.AF_INET, socket.AF_INET6)
-# Options a tool sets before connect (urllib3 sets TCP_NODELAY then) live on its own,
-# replaced socket: copied to the brokered one when they differ. Buffer sizes read back
-# doubled (socket(7)), so they are set halved.
-_COPIED_OPTIONS = (
-    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, False),
-    (socket.SOL_SOCKET, socket.SO_OOBINLINE, False),
-    (socket.SOL_SOCKET, socket.SO_RCVBUF, True),
-    (socket.SOL_SOCKET, socket.SO_SNDBUF, True),
-    (socket.IPPROTO_TCP, socket.TCP_NODELAY, False),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, False),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, False),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, False),
-    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, False),
-)
 _NO_NETWORK = "Network is unreachable (FailCore: this worker has no network of its own; "
 
 
@@ -92,6 +79,11 @@ class _State:
 _state = _State()
 # Non-blocking sockets whose brokered connect is under way (socket -> its fd number).
 _pending: weakref.WeakKeyDictionary[socket.socket, int] = weakref.WeakKeyDictionary()
+# Options a tool set on a TCP socket (urllib3 sets TCP_NODELAY before connect): they
+# belong to the socket the brokered one replaces, so they are set again on it.
+_options: weakref.WeakKeyDictionary[socket.socket, dict[tuple[int, int], tuple[Any, ...]]] = \
+    weakref.WeakKeyDictionary()
+_MAX_OPTIONS = 64
 
 
 # --- public interface ------------------------------------------------------------------
@@ -108,6 +100,7 @@ def install(ask: Ask) -> None:
     _state.ask = ask
     socket.socket.connect = _connect  # type: ignore[method-assign,assignment]
     socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign,assignment]
+    socket.socket.setsockopt = _setsockopt  # type: ignore[method-assign,assignment]
     socket.getaddrinfo = _getaddrinfo
     socket.gethostbyname = _gethostbyname
     socket.gethostbyname_ex = _gethostbyname_ex
@@ -271,7 +264,6 @@ def _broker_connect(sock: socket.socket, fields: dict[str, Any], raise_errors: b
     if _connected(sock):  # the kernel's answer, without resolving anything
         return _fail(errno.EISCONN, raise_errors)
     timeout = sock.gettimeout()
-    options = _read_options(sock)
     reply, fd = _request(protocol.BROKER_CONNECT, fields)
     if fd is None:
         if "gai" in reply:
@@ -283,7 +275,11 @@ def _broker_connect(sock: socket.socket, fields: dict[str, Any], raise_errors: b
     finally:
         os.close(fd)
     sock.settimeout(timeout)  # the blocking mode belongs to the new open file description
-    _write_options(sock, options)
+    for args in _options.get(sock, {}).values():
+        try:
+            _orig_setsockopt(sock, *args)
+        except OSError:
+            pass  # as the tool's own call would have failed on this socket: not a right
     if not reply.get("in_progress"):
         return 0
     if timeout == 0.0:
@@ -343,23 +339,14 @@ def _wait_connected(sock: socket.socket, timeout: float | None, wait_s: float,
                  "Connection timed out (FailCore: the call's time ran out while connecting)")
 
 
-def _read_options(sock: socket.socket) -> list[int]:
-    values = []
-    for level, name, _ in _COPIED_OPTIONS:
-        try:
-            values.append(sock.getsockopt(level, name))
-        except OSError:
-            values.append(-1)
-    return values
-
-
-def _write_options(sock: socket.socket, wanted: list[int]) -> None:
-    for (level, name, doubled), value in zip(_COPIED_OPTIONS, wanted, strict=True):
-        try:
-            if value >= 0 and sock.getsockopt(level, name) != value:
-                sock.setsockopt(level, name, value // 2 if doubled else value)
-        except OSError:
-            pass  # best effort: the option is a tuning, not a right
+def _setsockopt(self: socket.socket, level: int, optname: int, value: Any, *optlen: int) -> None:
+    """``setsockopt``, remembered for a TCP socket that the broker may yet replace."""
+    _orig_setsockopt(self, level, optname, value, *optlen)
+    if self.family in _INET and self.type == socket.SOCK_STREAM:
+        options = _options.setdefault(self, {})
+        if len(options) < _MAX_OPTIONS or (level, optname) in options:
+            kept = value if isinstance(value, int) or value is None else bytes(value)
+            options[(level, optname)] = (level, optname, kept, *optlen)
 
 
 # --- name lookups ----------------------------------------------------------------------------
