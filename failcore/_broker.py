@@ -58,15 +58,7 @@ from failcore_worker.rules import Grants, GuardEvent, Verdict
 __all__ = ["Broker", "BrokerAnswer", "BrokerEvent", "BrokerLimits", "send_answer", "serve"]
 
 _RANK = {"allow": 0, "warn": 1, "block": 2}
-_FAMILIES = (socket.AF_INET, socket.AF_INET6)
-# Plain ints: ``~`` of an IntFlag keeps only the flag's own bits, hiding unknown ones.
-_AI_FLAGS = int(socket.AI_PASSIVE | socket.AI_CANONNAME | socket.AI_NUMERICHOST
-                | socket.AI_V4MAPPED | socket.AI_ALL | socket.AI_ADDRCONFIG | socket.AI_NUMERICSERV)
-_NI_FLAGS = int(socket.NI_NOFQDN | socket.NI_NUMERICHOST | socket.NI_NAMEREQD
-                | socket.NI_NUMERICSERV | socket.NI_DGRAM)
-_TYPES = (0, socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW)
-_MAX_HOST = 255  # longer than any DNS name can be, in any spelling that resolves
-_MAX_SERVICE = 32
+_FAMILIES = protocol.BROKER_FAMILIES
 # A worker told its budget is spent may have a few requests in flight (threads); past
 # this many more it is ignoring the reply.
 _SLACK = 64
@@ -178,7 +170,7 @@ class Broker:
         flowinfo = _field(body, "flowinfo", int)
         scope_id = _field(body, "scope_id", int)
         if family not in _FAMILIES or proto not in (0, socket.IPPROTO_TCP) \
-                or not (0 <= flowinfo < 2**32 and 0 <= scope_id < 2**32):
+                or not (0 <= flowinfo <= 0xFFFFF and 0 <= scope_id < 2**32):
             raise _Refused(_error(None, errno.EINVAL, "unsupported socket"),
                            f"broker.connect for family {family}, proto {proto}")
         self._spend("connects", events, host, port)
@@ -233,8 +225,8 @@ class Broker:
             kind = _field(body, "type", int)
             proto = _field(body, "proto", int)
             flags = _field(body, "flags", int)
-            if family not in (0, *_FAMILIES) or kind not in _TYPES or not 0 <= proto < 256 \
-                    or flags & ~_AI_FLAGS:
+            if family not in (0, *_FAMILIES) or kind not in protocol.BROKER_SOCKTYPES \
+                    or not 0 <= proto < 256 or flags & ~protocol.BROKER_AI_FLAGS:
                 raise _Refused(_error(None, errno.EINVAL, "unsupported lookup"),
                                f"getaddrinfo with family {family}, type {kind}, proto {proto}, "
                                f"flags {flags:#x}")
@@ -255,7 +247,7 @@ class Broker:
         if op == "getnameinfo":
             port = _service(body)
             flags = _field(body, "flags", int)
-            if flags & ~_NI_FLAGS or not _is_inet(host):
+            if flags & ~protocol.BROKER_NI_FLAGS or not _is_inet(host):
                 raise _Refused(_error(None, errno.EINVAL, "unsupported lookup"),
                                f"getnameinfo of {host!r} with flags {flags:#x}")
             self._spend("resolves", events, host, port if isinstance(port, int) else 0)
@@ -389,10 +381,10 @@ def _field(body: Mapping[str, Any], name: str, kind: type) -> Any:
 
 def _host(body: Mapping[str, Any]) -> str:
     host: str = _field(body, "host", str)
-    if len(host) > _MAX_HOST or "\0" in host:
+    if len(host) > protocol.BROKER_MAX_HOST or "\0" in host:
         raise _Refused({"gai": socket.EAI_NONAME, "message": "Name or service not known"},
-                       f"broker request host of {len(host)} characters" if len(host) > _MAX_HOST
-                       else "broker request host with a NUL byte")
+                       f"broker request host of {len(host)} characters"
+                       if len(host) > protocol.BROKER_MAX_HOST else "broker request host with a NUL byte")
     return host
 
 
@@ -409,7 +401,7 @@ def _service(body: Mapping[str, Any]) -> int | str | None:
         return None
     if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535:
         return port
-    if isinstance(port, str) and 0 < len(port) <= _MAX_SERVICE and port.isascii() \
+    if isinstance(port, str) and 0 < len(port) <= protocol.BROKER_MAX_SERVICE and port.isascii() \
             and "\0" not in port:
         return port
     raise _Refused({"gai": socket.EAI_SERVICE, "message": "Servname not supported for ai_socktype"},

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from _broker_harness import FakeResolver
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -26,6 +26,7 @@ from failcore import _broker_lookup
 from failcore._broker import Broker, BrokerAnswer, BrokerLimits, send_answer
 from failcore._broker_lookup import LookupTimeout, check_resolve
 from failcore._trace_schema import GuardBody
+from failcore_worker import _broker as worker_broker
 from failcore_worker import _guard_judge, protocol
 from failcore_worker._guard_names import NameBook
 from failcore_worker.rules import Grants, NetRule
@@ -383,3 +384,66 @@ def test_send_answer_closes_the_descriptor_when_the_worker_is_gone(listener: int
         send_answer(ours, answer)
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+# --- an honest worker never looks like a hostile one -----------------------------------------------
+
+
+def _through_the_wire(kind: str, body: dict[str, Any]) -> BrokerAnswer:
+    """What the parent makes of a request the worker's factory built (JSON round trip)."""
+    frame = protocol.encode_data(kind, {"id": 1, **body})
+    return _broker(Grants(), resolver=FakeResolver({})).handle_frame(frame[protocol.HEADER.size:])
+
+
+_SAMPLE_HOSTS = st.sampled_from(["127.0.0.1", "::1", "::1%lo", "", "<broadcast>", "api.example.test",
+                                  "a\0b", "ｅｘ.test", "x" * 256, "x" * 255])
+_HOSTS = st.one_of(_SAMPLE_HOSTS, _SAMPLE_HOSTS, st.text(max_size=300), st.binary(max_size=24))
+_NUMBERS = st.one_of(st.integers(0, 65535), st.integers(0, 0xFFFFF), st.integers(-3, 70_000),
+                     st.integers(-2**40, 2**40), st.booleans())
+
+
+@settings(max_examples=400)
+@given(family=st.sampled_from([socket.AF_INET, socket.AF_INET6]), proto=st.sampled_from([0, 6]),
+       address=st.one_of(st.tuples(_HOSTS, _NUMBERS),
+                         st.tuples(_HOSTS, _NUMBERS, _NUMBERS, _NUMBERS), st.text(max_size=5)))
+def test_connect_requests_the_worker_builds_are_never_violations(
+        family: int, proto: int, address: Any) -> None:
+    try:
+        body = worker_broker.connect_request(family, proto, address)
+    except OverflowError:
+        return  # raised in the tool, as CPython does
+    if body is not None:
+        assert _through_the_wire(protocol.BROKER_CONNECT, body).violation is None
+
+
+@settings(max_examples=400)
+@given(host=_HOSTS, port=st.one_of(_NUMBERS, st.none(), st.text(max_size=40), st.binary(max_size=8)),
+       family=st.sampled_from([0, 2, 10, 1, 17]), kind=st.sampled_from([0, 1, 2, 3, 5]),
+       proto=st.integers(-1, 300), flags=st.one_of(st.sampled_from([0, 2, 0x20, 0x400]),
+                                                   st.integers(0, 0x20000)))
+def test_lookup_requests_the_worker_builds_are_never_violations(
+        host: Any, port: Any, family: int, kind: int, proto: int, flags: int) -> None:
+    text = worker_broker._text(host)
+    if text is None or worker_broker._numeric(text) or not worker_broker._sendable(text):
+        return  # answered in the worker without a query
+    try:
+        body = worker_broker.lookup_request(text, port, family, kind, proto, flags)
+    except (socket.gaierror, TypeError):
+        return  # refused in the worker, as libc would
+    assert _through_the_wire(protocol.BROKER_RESOLVE, body).violation is None
+
+
+@settings(max_examples=400)
+@given(host=st.one_of(_HOSTS, st.ip_addresses().map(str)), port=st.integers(0, 65535),
+       flags=st.integers(0, 0x3F))
+def test_reverse_requests_the_worker_builds_are_never_violations(host: Any, port: int,
+                                                                 flags: int) -> None:
+    text = worker_broker._text(host)
+    if text is None or not worker_broker._sendable(text):
+        return
+    assert _through_the_wire(protocol.BROKER_RESOLVE, worker_broker.reverse_request(
+        "gethostbyaddr", text)).violation is None
+    if worker_broker._numeric(text) and text not in ("", "<broadcast>") \
+            and not flags & ~protocol.BROKER_NI_FLAGS and not flags & socket.NI_NUMERICHOST:
+        assert _through_the_wire(protocol.BROKER_RESOLVE, worker_broker.reverse_request(
+            "getnameinfo", text, port, flags)).violation is None

@@ -46,7 +46,8 @@ from failcore_worker import protocol
 from failcore_worker._guard_judge import GuardDenied
 from failcore_worker.rules import Verdict
 
-__all__ = ["Ask", "BrokerError", "install", "begin_call", "end_call", "channel_ask"]
+__all__ = ["Ask", "BrokerError", "install", "begin_call", "end_call", "channel_ask",
+           "connect_request", "lookup_request", "reverse_request"]
 
 Ask = Callable[[str, dict[str, Any]], tuple[dict[str, Any], list[int]]]
 
@@ -203,7 +204,7 @@ def _brokered(sock: socket.socket) -> bool:
 
 
 def _connect(self: socket.socket, address: Any) -> None:
-    fields = _split_address(self, address) if _brokered(self) else None
+    fields = connect_request(self.family, self.proto, address) if _brokered(self) else None
     if fields is None:
         _kernel(_orig_connect, self, address)
     elif _broker_connect(self, fields, raise_errors=True) == errno.EINPROGRESS:
@@ -211,10 +212,13 @@ def _connect(self: socket.socket, address: Any) -> None:
 
 
 def _connect_ex(self: socket.socket, address: Any) -> int:
-    fields = _split_address(self, address) if _brokered(self) else None
+    fields = connect_request(self.family, self.proto, address) if _brokered(self) else None
     if fields is None:
         return int(_kernel(_orig_connect_ex, self, address))
-    return _broker_connect(self, fields, raise_errors=False)
+    try:
+        return _broker_connect(self, fields, raise_errors=False)
+    except BrokerError as exc:  # connect_ex reports errors, as the kernel's would be
+        return exc.errno or errno.ENETUNREACH
 
 
 def _kernel(method: Callable[..., Any], sock: socket.socket, address: Any) -> Any:
@@ -229,9 +233,11 @@ def _kernel(method: Callable[..., Any], sock: socket.socket, address: Any) -> An
                       "are brokered through the parent, UDP and raw sockets are not)") from None
 
 
-def _split_address(sock: socket.socket, address: Any) -> dict[str, Any] | None:
-    """The request fields for a well-formed address, or None (CPython raises for it)."""
-    size = (2,) if sock.family == socket.AF_INET else (2, 3, 4)
+def connect_request(family: int, proto: int, address: Any) -> dict[str, Any] | None:
+    """The ``broker.connect`` body for a TCP socket connecting to ``address``, or None
+    where CPython itself refuses the address (its own call then raises, resolving
+    nothing: the namespace has no network either way)."""
+    size = (2,) if family == socket.AF_INET else (2, 3, 4)
     if not isinstance(address, tuple) or len(address) not in size:
         return None
     host = _text(address[0])
@@ -239,13 +245,19 @@ def _split_address(sock: socket.socket, address: Any) -> dict[str, Any] | None:
         port, *extra = (operator.index(x) for x in address[1:])
     except TypeError:
         return None
-    if host is None:
+    if host is None or not _sendable(host):
         return None
     if not 0 <= port <= 65535:
         raise OverflowError("connect(): port must be 0-65535.")
     flowinfo, scope_id = (list(extra) + [0, 0])[:2]
-    return {"family": int(sock.family), "proto": int(sock.proto), "host": host, "port": port,
+    if not (0 <= flowinfo <= 0xFFFFF and 0 <= scope_id < 2**32):
+        return None
+    return {"family": int(family), "proto": int(proto), "host": host, "port": port,
             "flowinfo": flowinfo, "scope_id": scope_id}
+
+
+def _sendable(host: str) -> bool:
+    return len(host) <= protocol.BROKER_MAX_HOST and "\0" not in host
 
 
 def _connected(sock: socket.socket) -> bool:
@@ -375,21 +387,39 @@ def _numeric(host: str, families: tuple[int, ...] = _INET) -> bool:
     return False
 
 
-def _getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0,
-                 flags: int = 0) -> list[tuple[Any, ...]]:
-    text = _text(host)
-    if host is None or (text is not None and _numeric(text)) or text is None:
-        # Nothing to look up (or a type CPython itself refuses): the local call cannot
-        # send a query, AI_NUMERICHOST makes sure of it.
-        numeric = flags | socket.AI_NUMERICHOST if host is not None else flags
-        return _orig_getaddrinfo(host, port, family, type, proto, numeric)
+def lookup_request(host: str, port: Any, family: int, type: int, proto: int,
+                   flags: int) -> dict[str, Any]:
+    """The ``broker.resolve`` body for ``getaddrinfo``; raises what libc would for
+    arguments it refuses (so nothing ill-formed is ever sent)."""
     if isinstance(port, (bytes, bytearray)):
         port = bytes(port).decode("ascii", "replace")
     if port is not None and not isinstance(port, (int, str)):
         raise TypeError("getaddrinfo() argument 2 must be integer or string")
-    reply, _ = _request(protocol.BROKER_RESOLVE, {
-        "op": "getaddrinfo", "host": text, "port": port, "family": int(family),
-        "type": int(type), "proto": int(proto), "flags": int(flags)})
+    if isinstance(port, int):
+        port = int(port)  # True is port 1 to CPython, and a plain int on the wire
+    if isinstance(port, int) and not 0 <= port <= 65535 or isinstance(port, str) and not (
+            0 < len(port) <= protocol.BROKER_MAX_SERVICE and port.isascii() and "\0" not in port):
+        raise socket.gaierror(socket.EAI_SERVICE, "Servname not supported for ai_socktype")
+    if int(family) not in (0, *protocol.BROKER_FAMILIES):
+        raise socket.gaierror(socket.EAI_FAMILY, "ai_family not supported")
+    if int(type) not in protocol.BROKER_SOCKTYPES:
+        raise socket.gaierror(socket.EAI_SOCKTYPE, "ai_socktype not supported")
+    if int(flags) & ~protocol.BROKER_AI_FLAGS or not 0 <= int(proto) < 256:
+        raise socket.gaierror(socket.EAI_BADFLAGS, "Bad value for ai_flags")
+    return {"op": "getaddrinfo", "host": host, "port": port, "family": int(family),
+            "type": int(type), "proto": int(proto), "flags": int(flags)}
+
+
+def _getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0,
+                 flags: int = 0) -> list[tuple[Any, ...]]:
+    text = _text(host)
+    if host is None or text is None or _numeric(text) or not _sendable(text):
+        # Nothing to look up (or a host CPython or libc refuses): the local call cannot
+        # send a query, AI_NUMERICHOST makes sure of it.
+        numeric = flags | socket.AI_NUMERICHOST if host is not None else flags
+        return _orig_getaddrinfo(host, port, family, type, proto, numeric)
+    reply, _ = _request(protocol.BROKER_RESOLVE, lookup_request(text, port, family, type,
+                                                                proto, flags))
     if "addrinfo" not in reply:
         _resolver_error(reply)
     return [(_enum(socket.AddressFamily, f), _enum(socket.SocketKind, t), p, canon, tuple(sa))
@@ -419,17 +449,22 @@ def _gethostbyname_ex(hostname: Any) -> tuple[str, list[str], list[str]]:
     return (infos[0][3] or text), [], addresses
 
 
-def _reverse(op: str, host: str, port: Any = None, flags: int = 0) -> dict[str, Any]:
-    reply, _ = _request(protocol.BROKER_RESOLVE, {
-        "op": op, "host": host, "port": port, "family": 0, "type": 0, "proto": 0,
-        "flags": flags})
+def reverse_request(op: str, host: str, port: int | None = None, flags: int = 0) -> dict[str, Any]:
+    """The ``broker.resolve`` body for ``gethostbyaddr`` / ``getnameinfo`` (checked by the
+    callers: a host CPython accepts, a port and NI_* flags libc accepts)."""
+    return {"op": op, "host": host, "port": port, "family": 0, "type": 0, "proto": 0,
+            "flags": int(flags)}
+
+
+def _reverse(op: str, host: str, port: int | None = None, flags: int = 0) -> dict[str, Any]:
+    reply, _ = _request(protocol.BROKER_RESOLVE, reverse_request(op, host, port, flags))
     return reply
 
 
 def _gethostbyaddr(ip_address: Any) -> tuple[str, list[str], list[str]]:
     text = _text(ip_address)
-    if text is None:
-        return _orig_gethostbyaddr(ip_address)
+    if text is None or not _sendable(text):
+        return _orig_gethostbyaddr(ip_address)  # CPython's own error
     reply = _reverse("gethostbyaddr", text)
     if "hostent" not in reply:
         _resolver_error(reply)
@@ -439,12 +474,15 @@ def _gethostbyaddr(ip_address: Any) -> tuple[str, list[str], list[str]]:
 
 def _getnameinfo(sockaddr: Any, flags: int) -> tuple[str, str]:
     if not isinstance(flags, int) or flags & socket.NI_NUMERICHOST or not isinstance(sockaddr, tuple) \
-            or len(sockaddr) not in (2, 3, 4) or _text(sockaddr[0]) is None:
+            or len(sockaddr) not in (2, 3, 4) or not isinstance(sockaddr[1], int) \
+            or _text(sockaddr[0]) is None:
         return _orig_getnameinfo(sockaddr, flags)  # numeric: /etc/services at most, no query
     host = str(_text(sockaddr[0]))
-    if not _numeric(host):
+    if not _numeric(host) or host in ("", "<broadcast>") or not 0 <= sockaddr[1] <= 65535:
         return _orig_getnameinfo(sockaddr, flags | socket.NI_NUMERICHOST)  # CPython refuses it
-    reply = _reverse("getnameinfo", host, sockaddr[1], flags)
+    if flags & ~protocol.BROKER_NI_FLAGS:
+        raise socket.gaierror(socket.EAI_BADFLAGS, "Bad value for ai_flags")
+    reply = _reverse("getnameinfo", host, int(sockaddr[1]), flags)
     if "nameinfo" not in reply:
         _resolver_error(reply)
     name, service = reply["nameinfo"]

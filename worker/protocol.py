@@ -58,6 +58,18 @@ BROKER_REPLY = "broker.reply"
 # unread). Reply frames are bounded by the parent (a capped address list).
 MAX_BROKER_REQUEST = 4096
 MAX_BROKER_REPLY = 64 * 1024
+# What a well-formed request may hold. The worker's factory never sends anything else
+# (it raises what libc would, locally); the parent reports anything else as a violation.
+BROKER_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
+BROKER_SOCKTYPES = (0, int(socket.SOCK_STREAM), int(socket.SOCK_DGRAM), int(socket.SOCK_RAW))
+BROKER_MAX_HOST = 255  # longer than any DNS name can be, in any spelling that resolves
+BROKER_MAX_SERVICE = 32
+# Plain ints: ``~`` of an IntFlag keeps only the flag's own bits, hiding unknown ones.
+BROKER_AI_FLAGS = int(socket.AI_PASSIVE | socket.AI_CANONNAME | socket.AI_NUMERICHOST
+                      | socket.AI_V4MAPPED | socket.AI_ALL | socket.AI_ADDRCONFIG
+                      | socket.AI_NUMERICSERV)
+BROKER_NI_FLAGS = int(socket.NI_NOFQDN | socket.NI_NUMERICHOST | socket.NI_NAMEREQD
+                      | socket.NI_NUMERICSERV | socket.NI_DGRAM)
 
 
 class BrokerResolve(TypedDict):
