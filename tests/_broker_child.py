@@ -279,7 +279,15 @@ def s_errors(p: dict[str, Any]) -> dict[str, Any]:
             return 0
         return asyncio.run(go())
 
+    def raw_after_refused() -> int:
+        """After a failed brokered connect, is the object's socket the worker's own again?"""
+        with socket.socket() as s:
+            assert s.connect_ex((host, p["closed"])) == errno.ECONNREFUSED
+            _socket.socket.connect(s, (host, p["open"]))
+        return 0
+
     out = {
+        "raw connect after refused": attempt(raw_after_refused),
         "refused connect": attempt(lambda: connect(p["closed"])),
         "refused asyncio": attempt(lambda: asyncio_refused(p["closed"])),
         "refused connect_ex": attempt(lambda: connect_ex(p["closed"])),
