@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from failcore import _broker_request as req
 from failcore._broker_lookup import (
     LookupTimeout,
     Resolver,
@@ -98,15 +99,6 @@ class BrokerAnswer:
             self.fd = None
 
 
-class _Refused(Exception):
-    """Internal: a request ends here with this reply (and maybe a violation)."""
-
-    def __init__(self, reply: dict[str, Any], violation: str | None = None) -> None:
-        super().__init__(violation or "refused")
-        self.reply = reply
-        self.violation = violation
-
-
 class Broker:
     """Answers one call's broker requests. Thread-safe; make one per call.
 
@@ -135,13 +127,13 @@ class Broker:
     def handle_frame(self, payload: bytes | bytearray) -> BrokerAnswer:
         """Answer one worker -> parent frame's payload (``kind`` ``broker.*``)."""
         if len(payload) > protocol.MAX_BROKER_REQUEST:
-            return BrokerAnswer(_error(None, errno.EMSGSIZE, "broker request too large"),
+            return BrokerAnswer(req.error(errno.EMSGSIZE, "broker request too large"),
                                 violation=f"broker request of {len(payload)} bytes (limit "
                                           f"{protocol.MAX_BROKER_REQUEST})")
         try:
             kind, body = protocol.decode_data(payload)
         except protocol.BadFrame as exc:
-            return BrokerAnswer(_error(None, errno.EPROTO, "malformed broker request"),
+            return BrokerAnswer(req.error(errno.EPROTO, "malformed broker request"),
                                 violation=f"malformed broker request: {exc}")
         return self.handle(kind, body)
 
@@ -155,24 +147,26 @@ class Broker:
                 return BrokerAnswer({"id": request_id, **reply}, fd, events)
             if kind == protocol.BROKER_RESOLVE:
                 return BrokerAnswer({"id": request_id, **self._resolve(body, events)}, None, events)
-            raise _Refused(_error(None, errno.EPROTO, f"unknown request {kind!r}"),
-                           f"unknown broker request kind {kind!r}")
-        except _Refused as refused:
-            return BrokerAnswer({**refused.reply, "id": request_id}, None, events, refused.violation)
+            raise req.Refused(req.error(errno.EPROTO, f"unknown request {kind!r}"),
+                              f"unknown broker request kind {kind!r}")
+        except req.Refused as refused:
+            return BrokerAnswer({**refused.reply, "id": request_id}, None, events,
+                                refused.violation)
 
     # -- connect ------------------------------------------------------------------------
 
-    def _connect(self, body: Mapping[str, Any], events: list[BrokerEvent]) -> tuple[dict[str, Any], int | None]:
-        family = _field(body, "family", int)
-        proto = _field(body, "proto", int)
-        host = _host(body)
-        port = _port(body)
-        flowinfo = _field(body, "flowinfo", int)
-        scope_id = _field(body, "scope_id", int)
+    def _connect(self, body: Mapping[str, Any],
+                 events: list[BrokerEvent]) -> tuple[dict[str, Any], int | None]:
+        family = req.field(body, "family", int)
+        proto = req.field(body, "proto", int)
+        host = req.host(body)
+        port = req.port(body)
+        flowinfo = req.field(body, "flowinfo", int)
+        scope_id = req.field(body, "scope_id", int)
         if family not in _FAMILIES or proto not in (0, socket.IPPROTO_TCP) \
                 or not (0 <= flowinfo <= 0xFFFFF and 0 <= scope_id < 2**32):
-            raise _Refused(_error(None, errno.EINVAL, "unsupported socket"),
-                           f"broker.connect for family {family}, proto {proto}")
+            raise req.Refused(req.error(errno.EINVAL, "unsupported socket"),
+                              f"broker.connect for family {family}, proto {proto}")
         self._spend("connects", events, host, port)
         left = self._left()
         ip = self._address(family, host, port, left, events)
@@ -181,7 +175,7 @@ class Broker:
         target = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         events.append(_event("net.connect", target, verdict, host=ip, port=port, names=list(names)))
         if verdict.action == "block":
-            return _denied(verdict, f"connect to {target}"), None
+            return req.denied(verdict, f"connect to {target}"), None
         sockaddr: tuple[Any, ...] = (ip, port) if family == socket.AF_INET \
             else (ip, port, flowinfo, scope_id)
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
@@ -193,7 +187,7 @@ class Broker:
             return {"errno": exc.errno or errno.EINVAL, "message": str(exc)}, None
         if code not in (0, errno.EINPROGRESS):
             sock.close()
-            return {"errno": code, "message": _strerror(code)}, None
+            return {"errno": code, "message": req.strerror(code)}, None
         return {"fd": True, "in_progress": code != 0, "wait_s": self._left()}, sock.detach()
 
     def _address(self, family: int, host: str, port: int, left: float,
@@ -211,32 +205,31 @@ class Broker:
             pass
         infos = self._lookup(host, port, family, socket.SOCK_STREAM, 0, 0, left, events)
         if not infos:
-            raise _Refused({"gai": socket.EAI_NONAME, "message": "Name or service not known"})
+            raise req.Refused({"gai": socket.EAI_NONAME, "message": "Name or service not known"})
         return str(infos[0][4][0])
 
     # -- lookups ------------------------------------------------------------------------
 
     def _resolve(self, body: Mapping[str, Any], events: list[BrokerEvent]) -> dict[str, Any]:
         op = body.get("op")
-        host = _host(body)
+        host = req.host(body)
         if op == "getaddrinfo":
-            port = _service(body)
-            family = _field(body, "family", int)
-            kind = _field(body, "type", int)
-            proto = _field(body, "proto", int)
-            flags = _field(body, "flags", int)
+            port = req.service(body)
+            family = req.field(body, "family", int)
+            kind = req.field(body, "type", int)
+            proto = req.field(body, "proto", int)
+            flags = req.field(body, "flags", int)
             if family not in (0, *_FAMILIES) or kind not in protocol.BROKER_SOCKTYPES \
                     or not 0 <= proto < 256 or flags & ~protocol.BROKER_AI_FLAGS:
-                raise _Refused(_error(None, errno.EINVAL, "unsupported lookup"),
-                               f"getaddrinfo with family {family}, type {kind}, proto {proto}, "
-                               f"flags {flags:#x}")
-            number = port if isinstance(port, int) else int(port) if port and port.isdigit() else 0
-            self._spend("resolves", events, host, number)
+                raise req.Refused(req.error(errno.EINVAL, "unsupported lookup"),
+                                  f"getaddrinfo with family {family}, type {kind}, "
+                                  f"proto {proto}, flags {flags:#x}")
+            self._spend("resolves", events, host, _number(port))
             infos = self._lookup(host, port, family, kind, proto, flags, self._left(), events)
             return {"addrinfo": [(int(f), int(t), p, c, tuple(sa)) for f, t, p, c, sa in infos]}
         if op == "gethostbyaddr":
             self._spend("resolves", events, host, 0)
-            ip = host.split("%", 1)[0] if _is_inet(host) else ""
+            ip = host.split("%", 1)[0] if req.is_inet(host) else ""
             if not ip:  # a name: looked up first, as libc's gethostbyaddr does
                 infos = self._lookup(host, None, 0, socket.SOCK_STREAM, 0, 0, self._left(), events)
                 ip = str(infos[0][4][0]) if infos else ""
@@ -245,25 +238,26 @@ class Broker:
             self._judge_reverse(ip, events)
             return {"hostent": self._call(lambda t: self.resolver.gethostbyaddr(ip, t))}
         if op == "getnameinfo":
-            port = _service(body)
-            flags = _field(body, "flags", int)
-            if flags & ~protocol.BROKER_NI_FLAGS or not _is_inet(host):
-                raise _Refused(_error(None, errno.EINVAL, "unsupported lookup"),
-                               f"getnameinfo of {host!r} with flags {flags:#x}")
-            self._spend("resolves", events, host, port if isinstance(port, int) else 0)
+            port = req.service(body)
+            flags = req.field(body, "flags", int)
+            if flags & ~protocol.BROKER_NI_FLAGS or not req.is_inet(host):
+                raise req.Refused(req.error(errno.EINVAL, "unsupported lookup"),
+                                  f"getnameinfo of {host!r} with flags {flags:#x}")
+            self._spend("resolves", events, host, _number(port))
             self._judge_reverse(host, events)
             sockaddr = (host, port if port is not None else 0)
             return {"nameinfo": self._call(lambda t: self.resolver.getnameinfo(sockaddr, flags, t))}
-        raise _Refused(_error(None, errno.EINVAL, "unknown lookup"), f"unknown broker.resolve op {op!r}")
+        raise req.Refused(req.error(errno.EINVAL, "unknown lookup"),
+                          f"unknown broker.resolve op {op!r}")
 
     def _lookup(self, host: str, port: int | str | None, family: int, kind: int, proto: int,
                 flags: int, left: float, events: list[BrokerEvent]) -> list[tuple[Any, ...]]:
         """getaddrinfo, judged first; its addresses are booked under ``host``."""
-        number = port if isinstance(port, int) else int(port) if port and port.isdigit() else 0
+        number = _number(port)
         verdict = self._judge(lambda g: check_resolve(g, host, number))
         events.append(_event("net.resolve", host, verdict, host=host, port=number))
         if verdict.action == "block":
-            raise _Refused(_denied(verdict, f"looking up {host}"))
+            raise req.Refused(req.denied(verdict, f"looking up {host}"))
         infos = self._call(lambda t: self.resolver.getaddrinfo(host, port, family, kind, proto,
                                                                flags, t), left)
         kept = [i for i in infos if i[0] in _FAMILIES][: self.limits.addresses]
@@ -280,7 +274,7 @@ class Broker:
                               "answer names nothing a connect is judged on")
         events.append(_event("net.resolve", name, verdict, host=name, port=0))
         if verdict.action == "block":
-            raise _Refused(_denied(verdict, f"the reverse lookup of {ip}"))
+            raise req.Refused(req.denied(verdict, f"the reverse lookup of {ip}"))
 
     def _call(self, fn: Any, left: float | None = None) -> Any:
         """Run one resolver call with the call's remaining time; resolver errors become
@@ -288,14 +282,14 @@ class Broker:
         try:
             return fn(self._left() if left is None else left)
         except socket.gaierror as exc:
-            raise _Refused({"gai": exc.errno, "message": exc.strerror or str(exc)}) from None
+            raise req.Refused({"gai": exc.errno, "message": exc.strerror or str(exc)}) from None
         except socket.herror as exc:
-            raise _Refused({"herror": exc.errno, "message": exc.strerror or str(exc)}) from None
+            raise req.Refused({"herror": exc.errno, "message": exc.strerror or str(exc)}) from None
         except LookupTimeout as exc:
-            raise _Refused({"gai": socket.EAI_AGAIN, "message": f"Temporary failure in name "
-                            f"resolution (FailCore: {exc})"}) from None
+            raise req.Refused({"gai": socket.EAI_AGAIN, "message": "Temporary failure in name "
+                               f"resolution (FailCore: {exc})"}) from None
         except (OSError, UnicodeError, ValueError) as exc:
-            raise _Refused({"gai": socket.EAI_NONAME, "message": str(exc)}) from None
+            raise req.Refused({"gai": socket.EAI_NONAME, "message": str(exc)}) from None
 
     # -- judging and budget -------------------------------------------------------------
 
@@ -326,13 +320,14 @@ class Broker:
                                  host, verdict, host=host, port=port))
         violation = (f"the worker kept asking the broker after its {what} budget was spent"
                      if late > _SLACK else None)
-        raise _Refused({**_denied(verdict, f"{noun[:-1]} {host}"), "exhausted": True}, violation)
+        raise req.Refused({**req.denied(verdict, f"{noun[:-1]} {host}"), "exhausted": True},
+                          violation)
 
     def _left(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise _Refused({"errno": errno.ETIMEDOUT,
-                            "message": "Connection timed out (FailCore: the call's time is up)"})
+            raise req.Refused({"errno": errno.ETIMEDOUT,
+                               "message": "Connection timed out (FailCore: the call's time is up)"})
         return left
 
 
@@ -368,70 +363,9 @@ def send_answer(chan: socket.socket, answer: BrokerAnswer) -> None:
         answer.close()
 
 
-# --- request fields (everything from the worker is data: checked, never trusted) -----------
-
-
-def _field(body: Mapping[str, Any], name: str, kind: type) -> Any:
-    value = body.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise _Refused(_error(None, errno.EINVAL, f"bad field {name}"),
-                       f"broker request field {name!r} is {type(value).__name__}, not {kind.__name__}")
-    return value
-
-
-def _host(body: Mapping[str, Any]) -> str:
-    host: str = _field(body, "host", str)
-    if len(host) > protocol.BROKER_MAX_HOST or "\0" in host:
-        raise _Refused({"gai": socket.EAI_NONAME, "message": "Name or service not known"},
-                       f"broker request host of {len(host)} characters"
-                       if len(host) > protocol.BROKER_MAX_HOST else "broker request host with a NUL byte")
-    return host
-
-
-def _port(body: Mapping[str, Any]) -> int:
-    port: int = _field(body, "port", int)
-    if not 0 <= port <= 65535:
-        raise _Refused(_error(None, errno.EINVAL, "bad port"), f"broker.connect port {port}")
-    return port
-
-
-def _service(body: Mapping[str, Any]) -> int | str | None:
-    port = body.get("port")
-    if port is None:
-        return None
-    if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535:
-        return port
-    if isinstance(port, str) and 0 < len(port) <= protocol.BROKER_MAX_SERVICE and port.isascii() \
-            and "\0" not in port:
-        return port
-    raise _Refused({"gai": socket.EAI_SERVICE, "message": "Servname not supported for ai_socktype"},
-                   f"broker.resolve port {port!r}")
-
-
-def _is_inet(host: str) -> bool:
-    for family in _FAMILIES:
-        try:
-            socket.inet_pton(family, host.split("%", 1)[0])
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
-def _strerror(code: int) -> str:
-    try:
-        return os.strerror(code)
-    except ValueError:
-        return f"error {code}"
-
-
-def _error(request_id: int | None, code: int, what: str) -> dict[str, Any]:
-    return {"id": request_id, "errno": code, "message": f"{_strerror(code)} (FailCore broker: {what})"}
-
-
-def _denied(verdict: Verdict, what: str) -> dict[str, Any]:
-    return {"denied": True, "rule": verdict.rule, "reason": verdict.reason,
-            "message": f"FailCore blocked {what}: {verdict.rule}: {verdict.reason}"}
+def _number(port: int | str | None) -> int:
+    """The port a lookup is judged for: a service name counts as 0, as in the guards."""
+    return port if isinstance(port, int) else int(port) if port and port.isdigit() else 0
 
 
 def _event(op: str, target: str, verdict: Verdict, **fields: Any) -> BrokerEvent:

@@ -27,7 +27,7 @@ from failcore._broker import Broker, BrokerAnswer, BrokerLimits, send_answer
 from failcore._broker_lookup import LookupTimeout, check_resolve
 from failcore._trace_schema import GuardBody
 from failcore_worker import _broker as worker_broker
-from failcore_worker import _guard_judge, protocol
+from failcore_worker import _broker_channel, _broker_names, _guard_judge, protocol
 from failcore_worker._guard_names import NameBook
 from failcore_worker.rules import Grants, NetRule
 
@@ -423,11 +423,11 @@ def test_connect_requests_the_worker_builds_are_never_violations(
                                                    st.integers(0, 0x20000)))
 def test_lookup_requests_the_worker_builds_are_never_violations(
         host: Any, port: Any, family: int, kind: int, proto: int, flags: int) -> None:
-    text = worker_broker._text(host)
-    if text is None or worker_broker._numeric(text) or not worker_broker._sendable(text):
+    text = _broker_channel.text(host)
+    if text is None or _broker_channel.numeric(text) or not _broker_channel.sendable(text):
         return  # answered in the worker without a query
     try:
-        body = worker_broker.lookup_request(text, port, family, kind, proto, flags)
+        body = _broker_names.lookup_request(text, port, family, kind, proto, flags)
     except (socket.gaierror, TypeError):
         return  # refused in the worker, as libc would
     assert _through_the_wire(protocol.BROKER_RESOLVE, body).violation is None
@@ -438,12 +438,12 @@ def test_lookup_requests_the_worker_builds_are_never_violations(
        flags=st.integers(0, 0x3F))
 def test_reverse_requests_the_worker_builds_are_never_violations(host: Any, port: int,
                                                                  flags: int) -> None:
-    text = worker_broker._text(host)
-    if text is None or not worker_broker._sendable(text):
+    text = _broker_channel.text(host)
+    if text is None or not _broker_channel.sendable(text):
         return
-    assert _through_the_wire(protocol.BROKER_RESOLVE, worker_broker.reverse_request(
+    assert _through_the_wire(protocol.BROKER_RESOLVE, _broker_names.reverse_request(
         "gethostbyaddr", text)).violation is None
-    if worker_broker._numeric(text) and text not in ("", "<broadcast>") \
+    if _broker_channel.numeric(text) and text not in ("", "<broadcast>") \
             and not flags & ~protocol.BROKER_NI_FLAGS and not flags & socket.NI_NUMERICHOST:
-        assert _through_the_wire(protocol.BROKER_RESOLVE, worker_broker.reverse_request(
+        assert _through_the_wire(protocol.BROKER_RESOLVE, _broker_names.reverse_request(
             "getnameinfo", text, port, flags)).violation is None
