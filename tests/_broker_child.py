@@ -395,6 +395,26 @@ def s_between_calls(p: dict[str, Any]) -> dict[str, Any]:
     return {"inside": inside, "after": after, "lookup": lookup, "again": again}
 
 
+def s_fork(p: dict[str, Any]) -> dict[str, Any]:
+    """A forked child of the worker gets no broker (it would share the worker's channel)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what a connect does, then leave at once
+        try:
+            outcome = attempt(lambda: socket.create_connection((p["host"], p["port"]), timeout=5))
+            os.write(write, json.dumps(outcome, default=repr).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    data = b""
+    while chunk := os.read(read, 65536):
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = attempt(lambda: socket.create_connection((p["host"], p["port"]), timeout=5).close())
+    return {"child": json.loads(data), "worker after": parent}
+
+
 def s_budget(p: dict[str, Any]) -> dict[str, Any]:
     out = []
     for _ in range(p["tries"]):
@@ -449,7 +469,7 @@ def s_disconnect(p: dict[str, Any]) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "clients": s_clients, "tls": s_tls, "native": s_native, "errors": s_errors,
     "concurrent": s_concurrent, "fds": s_fds, "options": s_options, "lookups": s_lookups, "unix": s_unix,
-    "between_calls": s_between_calls, "budget": s_budget, "with_guards": s_with_guards,
+    "between_calls": s_between_calls, "fork": s_fork, "budget": s_budget, "with_guards": s_with_guards,
     "disconnect": s_disconnect,
 }
 

@@ -327,6 +327,16 @@ def test_nothing_is_asked_between_calls(server: HTTPServer, privileged: bool) ->
 
 
 @PRIVILEGE
+def test_a_forked_child_gets_no_broker(server: HTTPServer, privileged: bool) -> None:
+    run = run_child("fork", {"host": "127.0.0.1", "port": server.port}, loopback(server.port),
+                    privileged=privileged)
+    error = run.result["child"]["error"]
+    assert error["type"] == "BrokerError" and error["errno"] == errno.ENETUNREACH
+    assert run.result["worker after"] == {"ok": None}
+    assert run.kinds == ["broker.connect"] and run.violations == []
+
+
+@PRIVILEGE
 def test_budget_stops_a_connect_loop(server: HTTPServer, privileged: bool) -> None:
     run = run_child("budget", {"host": "127.0.0.1", "port": server.port, "tries": 6},
                     loopback(server.port), privileged=privileged, limits=BrokerLimits(connects=3))

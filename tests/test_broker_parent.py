@@ -173,6 +173,14 @@ def test_the_stricter_of_token_and_policy_decides(listener: int) -> None:
     assert answer.reply["rule"] == "net_safe: 127.0.0.0/8 (loopback)" and answer.fd is None
 
 
+def test_warn_connects_and_says_so(listener: int) -> None:
+    """DefaultPolicy.WARN: the connect happens and its record is a warning."""
+    answer = _broker(Grants(default="warn")).handle("broker.connect", _connect("127.0.0.1", listener))
+    assert [e["action"] for e in answer.events] == ["warn"]
+    assert answer.events[0]["rule"] == "default_policy=WARN"
+    assert _allowed(answer)
+
+
 def test_localhost_is_looked_up_for_real() -> None:
     """The one name a test may resolve outside a namespace (/etc/hosts)."""
     grants = Grants(net=(NetRule("localhost", 80, 80, "net:connect:localhost:80"),))

@@ -43,6 +43,18 @@ class _State:
 state = _State()
 
 
+def _after_fork_in_child() -> None:
+    # A forked child shares the worker's channel: a request from it would interleave with
+    # the worker's frames (and the lock may have been held by another thread at fork).
+    # It gets no broker, so no network: the parent answers the worker alone.
+    state.lock = threading.Lock()
+    state.active = False
+    state.ask = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def begin_call() -> None:
     """A call starts: the parent answers broker requests until ``end_call``."""
     with state.lock:
