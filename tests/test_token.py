@@ -29,11 +29,16 @@ def warm(tmp_path) -> Iterator[tuple[Session, Any, Any]]:  # type: ignore[no-unt
             capabilities=[f"fs:read:{tmp_path}"]))
         assert s.call("read", path=str(tmp_path / "a.txt")) == "A"
         tool = s._tools["read"]
-        yield s, tool, tool.free[0]
+        lease = s._backend.lease(tool.spec)
+        assert not lease.fresh
+        try:
+            yield s, tool, lease.handle
+        finally:
+            s._backend.release(lease, False)
 
 
 def _ask(worker: Any, token: bytes, mac: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    worker.send("call", {"token": token, "mac": mac, "args": args})
+    worker.chan.sendall(protocol.encode("call", {"token": token, "mac": mac, "args": args}))
     return _wire.decode(protocol.recv_frame(worker.chan))
 
 

@@ -26,7 +26,10 @@ import json
 import pickle
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from failcore_worker.rules import Grants
 
 HEADER = struct.Struct("!I")
 PICKLE_PROTOCOL = 5
@@ -40,6 +43,49 @@ ERR_MEMORY = "memory"  # MemoryError / RLIMIT_AS
 ERR_RESOURCE = "resource"  # another rlimit (file size, open files, CPU)
 ERR_UNPICKLABLE = "unpicklable"  # the result (or arguments) could not be pickled
 ERR_INIT = "init"  # lock-down or loading the tool failed
+
+
+class LimitsWire(TypedDict):
+    """``failcore.Limits`` as it travels: in the init message and signed into each token."""
+
+    timeout_s: float
+    memory_mb: int
+    cpu_s: int
+    file_size_mb: int
+    open_files: int
+    output_bytes: int
+    processes: int
+
+
+class InitBody(TypedDict):
+    """parent -> worker ``init``: lock down to these grants, then load the tool.
+
+    ``grants_obj`` is the Grants object itself (parsing ``grants_bytes`` costs ~100 us);
+    ``grants_bytes`` is the token's grants part, byte for byte. ``uid``/``gid``: drop to them
+    when the worker is root. ``implicit_read``: directories every worker may read.
+    """
+
+    key: bytes
+    tool: str
+    grants_obj: Grants
+    grants_bytes: bytes
+    limits: LimitsWire
+    env: dict[str, str]
+    base_dir: str
+    sys_path: list[str]
+    isolation: str
+    uid: int | None
+    gid: int | None
+    implicit_read: list[str]
+    tool_blob: bytes
+
+
+class CallBody(TypedDict):
+    """parent -> worker ``call``: the signed token and the validated arguments."""
+
+    token: bytes
+    mac: str
+    args: dict[str, Any]
 
 
 class FrameTooLarge(Exception):
