@@ -18,15 +18,13 @@ with an HMAC-SHA256 under the per-session key; the grants and limits parts are t
 bytes for every call of a tool, which lets both sides cache their encoding and parsing.
 """
 
-from __future__ import annotations
-
 import hashlib
 import hmac
 import json
 import pickle
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
 if TYPE_CHECKING:
     from failcore_worker.rules import Grants
@@ -43,6 +41,37 @@ ERR_MEMORY = "memory"  # MemoryError / RLIMIT_AS
 ERR_RESOURCE = "resource"  # another rlimit (file size, open files, CPU)
 ERR_UNPICKLABLE = "unpicklable"  # the result (or arguments) could not be pickled
 ERR_INIT = "init"  # lock-down or loading the tool failed
+
+
+Action = Literal["allow", "warn", "block"]
+
+
+class GuardSubject(TypedDict):
+    """What a guarded operation acts on: ``op`` ("net.connect", "net.resolve", "net.bind",
+    "fs.open", "fs.modify", "proc.exec", "proc.kill", "ctypes", ...) and its target."""
+
+    op: str
+    target: NotRequired[str]
+    host: NotRequired[str]
+    port: NotRequired[int]
+    names: NotRequired[list[str]]
+    path: NotRequired[str]
+    write: NotRequired[bool]
+    program: NotRequired[str]
+
+
+class GuardEvent(GuardSubject):
+    """A guarded operation and its verdict, reported to the parent and written to the trace
+    (the trace's ``guard`` body and the re-judge keys are derived from this class).
+
+    ``observed``: "worker" (reported by the worker: a hostile tool can lie in it) or
+    "parent" (seen by the parent itself); absent means "worker".
+    """
+
+    action: Action
+    rule: str
+    reason: str
+    observed: NotRequired[Literal["worker", "parent"]]
 
 
 class LimitsWire(TypedDict):
@@ -67,7 +96,7 @@ class InitBody(TypedDict):
 
     key: bytes
     tool: str
-    grants_obj: Grants
+    grants_obj: "Grants"
     grants_bytes: bytes
     limits: LimitsWire
     env: dict[str, str]

@@ -23,11 +23,12 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 from urllib.parse import unquote
 
 from failcore_worker import _grants_wire
 from failcore_worker._addresses import TRANSLATED, embedded_v4, parse_ip, special_range
+from failcore_worker.protocol import GuardEvent
 
 __all__ = [
     "Action", "IPAddress", "Verdict", "NetRule", "FsRule", "Grants", "GuardEvent",
@@ -129,25 +130,6 @@ class Grants:
         ``implicit_read`` is not compared: the worker fills it in itself.
         """
         return _grants_wire.is_subset(self, other)
-
-
-class GuardEvent(TypedDict, total=False):
-    """A guarded operation the worker saw, reported to the parent and written to the trace.
-
-    op: "net.connect" | "net.resolve" | "net.bind" | "fs.open" | "fs.modify" | "proc.exec" | "ctypes"
-    """
-
-    op: str
-    target: str
-    host: str
-    port: int
-    names: list[str]
-    path: str
-    write: bool
-    program: str
-    action: Action
-    rule: str
-    reason: str
 
 
 
