@@ -29,7 +29,7 @@ word and never grant anything). Each call has a budget of lookups and connects; 
 requests are refused (and the worker told to stop asking), and a worker that keeps asking
 is reported as a protocol violation, as is any malformed request.
 
-Every brokered lookup and connect, allowed or refused, yields a ``BrokerEvent`` for the
+Every brokered lookup and connect, allowed or refused, yields a ``GuardEvent`` for the
 trace (``observed: "parent"``: the parent saw it itself, it is not the worker's report).
 """
 
@@ -54,9 +54,10 @@ from failcore._broker_lookup import (
 )
 from failcore_worker import protocol, rules
 from failcore_worker._guard_names import NameBook
-from failcore_worker.rules import Grants, GuardEvent, Verdict
+from failcore_worker.protocol import GuardEvent
+from failcore_worker.rules import Grants, Verdict
 
-__all__ = ["Broker", "BrokerAnswer", "BrokerEvent", "BrokerLimits", "send_answer", "serve"]
+__all__ = ["Broker", "BrokerAnswer", "BrokerLimits", "send_answer", "serve"]
 
 _RANK = {"allow": 0, "warn": 1, "block": 2}
 _FAMILIES = protocol.BROKER_FAMILIES
@@ -75,12 +76,6 @@ class BrokerLimits:
     addresses: int = 64
 
 
-class BrokerEvent(GuardEvent, total=False):
-    """A ``GuardEvent`` the parent observed itself (``observed: "parent"``)."""
-
-    observed: str
-
-
 @dataclass
 class BrokerAnswer:
     """What to do with one request: send ``reply`` (with ``fd``, which ``send_answer``
@@ -89,7 +84,7 @@ class BrokerAnswer:
 
     reply: dict[str, Any]
     fd: int | None = None
-    events: list[BrokerEvent] = field(default_factory=list)
+    events: list[GuardEvent] = field(default_factory=list)
     violation: str | None = None
 
     def close(self) -> None:
@@ -140,7 +135,7 @@ class Broker:
     def handle(self, kind: str, body: Mapping[str, Any]) -> BrokerAnswer:
         """Answer one decoded request. Never raises for anything the worker sent."""
         request_id = body.get("id") if isinstance(body.get("id"), int) else None
-        events: list[BrokerEvent] = []
+        events: list[GuardEvent] = []
         try:
             if kind == protocol.BROKER_CONNECT:
                 reply, fd = self._connect(body, events)
@@ -156,7 +151,7 @@ class Broker:
     # -- connect ------------------------------------------------------------------------
 
     def _connect(self, body: Mapping[str, Any],
-                 events: list[BrokerEvent]) -> tuple[dict[str, Any], int | None]:
+                 events: list[GuardEvent]) -> tuple[dict[str, Any], int | None]:
         family = req.field(body, "family", int)
         proto = req.field(body, "proto", int)
         host = req.host(body)
@@ -191,7 +186,7 @@ class Broker:
         return {"fd": True, "in_progress": code != 0, "wait_s": self._left()}, sock.detach()
 
     def _address(self, family: int, host: str, port: int, left: float,
-                 events: list[BrokerEvent]) -> str:
+                 events: list[GuardEvent]) -> str:
         """The address a connect to ``host`` reaches: a literal as is (as CPython's
         setipaddr reads it), a name resolved here first (its lookup judged and booked)."""
         special = {"": "0.0.0.0" if family == socket.AF_INET else "::",
@@ -210,7 +205,7 @@ class Broker:
 
     # -- lookups ------------------------------------------------------------------------
 
-    def _resolve(self, body: Mapping[str, Any], events: list[BrokerEvent]) -> dict[str, Any]:
+    def _resolve(self, body: Mapping[str, Any], events: list[GuardEvent]) -> dict[str, Any]:
         op = body.get("op")
         host = req.host(body)
         if op == "getaddrinfo":
@@ -251,7 +246,7 @@ class Broker:
                           f"unknown broker.resolve op {op!r}")
 
     def _lookup(self, host: str, port: int | str | None, family: int, kind: int, proto: int,
-                flags: int, left: float, events: list[BrokerEvent]) -> list[tuple[Any, ...]]:
+                flags: int, left: float, events: list[GuardEvent]) -> list[tuple[Any, ...]]:
         """getaddrinfo, judged first; its addresses are booked under ``host``."""
         number = _number(port)
         verdict = self._judge(lambda g: check_resolve(g, host, number))
@@ -265,7 +260,7 @@ class Broker:
             self.book.remember(host, (i[4][0] for i in kept))
         return kept
 
-    def _judge_reverse(self, ip: str, events: list[BrokerEvent]) -> None:
+    def _judge_reverse(self, ip: str, events: list[GuardEvent]) -> None:
         name = reverse_name(ip)
         verdict = self._judge(lambda g: check_resolve(g, name, 0))
         if verdict.allowed:
@@ -301,7 +296,7 @@ class Broker:
                 verdict = other
         return verdict
 
-    def _spend(self, what: str, events: list[BrokerEvent], host: str, port: int) -> None:
+    def _spend(self, what: str, events: list[GuardEvent], host: str, port: int) -> None:
         with self._lock:
             self._used[what] += 1
             used = self._used[what]
@@ -368,8 +363,8 @@ def _number(port: int | str | None) -> int:
     return port if isinstance(port, int) else int(port) if port and port.isdigit() else 0
 
 
-def _event(op: str, target: str, verdict: Verdict, **fields: Any) -> BrokerEvent:
-    event: BrokerEvent = {"op": op, "target": target, **fields}  # type: ignore[typeddict-item]
-    event["action"], event["rule"], event["reason"] = verdict.action, verdict.rule, verdict.reason
-    event["observed"] = "parent"
+def _event(op: str, target: str, verdict: Verdict, **fields: Any) -> GuardEvent:
+    event: GuardEvent = {"op": op, "target": target, "action": verdict.action,
+                         "rule": verdict.rule, "reason": verdict.reason, "observed": "parent"}
+    event.update(fields)  # type: ignore[typeddict-item]
     return event

@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
-from failcore._broker import Broker, BrokerAnswer, BrokerEvent, BrokerLimits, serve
+from failcore._broker import Broker, BrokerAnswer, BrokerLimits, serve
 from failcore._broker_lookup import Resolver
+from failcore_worker.protocol import GuardEvent
 from failcore_worker.rules import Grants, NetRule
 
 CHILD = str(Path(__file__).resolve().parent / "_broker_child.py")
@@ -49,7 +50,7 @@ def loopback(*ports: int, block_ranges: bool = True, default: str = "block") -> 
 class Run:
     result: dict[str, Any]
     info: dict[str, Any]
-    events: list[BrokerEvent]
+    events: list[GuardEvent]
     kinds: list[str]
     violations: list[str]
     stderr: str
