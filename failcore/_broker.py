@@ -221,7 +221,8 @@ class Broker:
                                   f"proto {proto}, flags {flags:#x}")
             self._spend("resolves", events, host, _number(port))
             infos = self._lookup(host, port, family, kind, proto, flags, self._left(), events)
-            return {"addrinfo": [(int(f), int(t), p, c, tuple(sa)) for f, t, p, c, sa in infos]}
+            return {"addrinfo": [(int(f), int(t), p, _name(c), tuple(sa))
+                                 for f, t, p, c, sa in infos]}
         if op == "gethostbyaddr":
             self._spend("resolves", events, host, 0)
             ip = host.split("%", 1)[0] if req.is_inet(host) else ""
@@ -231,7 +232,10 @@ class Broker:
             if not ip:
                 return {"herror": 1, "message": "Unknown host"}
             self._judge_reverse(ip, events)
-            return {"hostent": self._call(lambda t: self.resolver.gethostbyaddr(ip, t))}
+            name, aliases, addresses = self._call(lambda t: self.resolver.gethostbyaddr(ip, t))
+            cap = self.limits.addresses
+            return {"hostent": (_name(name), [_name(a) for a in aliases[:cap]],
+                                [_name(a) for a in addresses[:cap]])}
         if op == "getnameinfo":
             port = req.service(body)
             flags = req.field(body, "flags", int)
@@ -241,7 +245,8 @@ class Broker:
             self._spend("resolves", events, host, _number(port))
             self._judge_reverse(host, events)
             sockaddr = (host, port if port is not None else 0)
-            return {"nameinfo": self._call(lambda t: self.resolver.getnameinfo(sockaddr, flags, t))}
+            found, serv = self._call(lambda t: self.resolver.getnameinfo(sockaddr, flags, t))
+            return {"nameinfo": (_name(found), _name(serv))}
         raise req.Refused(req.error(errno.EINVAL, "unknown lookup"),
                           f"unknown broker.resolve op {op!r}")
 
@@ -356,6 +361,12 @@ def send_answer(chan: socket.socket, answer: BrokerAnswer) -> None:
         protocol.send_with_fd(chan, frame, answer.fd)
     finally:
         answer.close()
+
+
+def _name(text: Any) -> str:
+    """A resolver's string, cut to a DNS name's length: replies stay within the worker's
+    reply bound (``protocol.MAX_BROKER_REPLY``) whatever a PTR record holds."""
+    return str(text)[:protocol.BROKER_MAX_HOST]
 
 
 def _number(port: int | str | None) -> int:

@@ -205,6 +205,29 @@ def test_budget_then_violation(listener: int) -> None:
     assert "kept asking" in str(over[64].violation)
 
 
+def test_replies_fit_the_workers_bound() -> None:
+    """Whatever a resolver (or a PTR record) returns, the reply frame fits the worker's
+    bound; a larger one would break the channel's framing."""
+
+    class Flood(FakeResolver):
+        def getaddrinfo(self, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "c" * 5000, (f"10.0.{i // 250}.{i % 250}", 80))
+                    for i in range(1000)]
+
+        def gethostbyaddr(self, ip: str, timeout: float) -> tuple[str, list[str], list[str]]:
+            return "p" * 5000, ["a" * 5000] * 1000, ["10.0.0.1"] * 1000
+
+        def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int, timeout: float) -> tuple[str, str]:
+            return "n" * 100_000, "s" * 100_000
+
+    broker = _broker(Grants(default="allow"), resolver=Flood({}))
+    for body in (_lookup("getaddrinfo", "flood.example.test", 80), _lookup("gethostbyaddr", "10.0.0.1"),
+                 _lookup("getnameinfo", "10.0.0.1", 80)):
+        answer = broker.handle("broker.resolve", body)
+        assert answer.violation is None and "denied" not in answer.reply
+        assert len(protocol.encode(protocol.BROKER_REPLY, answer.reply)) <= protocol.MAX_BROKER_REPLY
+
+
 def test_deadline_passed_connects_nothing(listener: int) -> None:
     broker = _broker(Grants(default="allow"), deadline=time.monotonic() - 1)
     answer = broker.handle("broker.connect", _connect("127.0.0.1", listener))
