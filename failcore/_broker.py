@@ -35,6 +35,7 @@ trace (``observed: "parent"``: the parent saw it itself, it is not the worker's 
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -173,8 +174,9 @@ class Broker:
             return req.denied(verdict, f"connect to {target}"), None
         sockaddr: tuple[Any, ...] = (ip, port) if family == socket.AF_INET \
             else (ip, port, flowinfo, scope_id)
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                             | socket.SOCK_CLOEXEC, proto)
+        # The bare _socket type: this socket only lives until its descriptor is sent.
+        sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                              | socket.SOCK_CLOEXEC, proto)
         try:
             code = sock.connect_ex(sockaddr)
         except OSError as exc:  # e.g. a scope id naming no interface
