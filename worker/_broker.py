@@ -21,7 +21,16 @@ What is *not* brokered, by design: UDP and raw sockets (the kernel answers: the 
 has no route; DNS goes through the broker instead, so no tool needs UDP for it), binding
 and listening (a worker serves nobody), Unix sockets (files: the file rules apply), and
 native code calling ``connect(2)`` itself (``_socket``, ctypes, C extensions): it gets the
-kernel's "Network is unreachable".
+kernel's "Network is unreachable". A forked (not exec'd) child of the worker gets no
+broker: it would share the worker's channel.
+
+Limits (tests pin each): a brokered descriptor is a socket of the *parent's* namespace.
+After ``connect(AF_UNSPEC)`` native code can connect it again there, unjudged, unless
+Landlock's TCP rules deny connect(2) in the worker (ABI >= 4: then EACCES), and can
+``listen(2)`` on it (autobound to 0.0.0.0 of the parent's namespace), which Landlock up to
+ABI 7 does not cover: a seccomp filter on listen(2), or the watchdog, has to. urllib3
+(requests) probes IPv6 at import by binding ::1, which the empty namespace refuses, and
+from then on resolves IPv4 only.
 
 The channel is the parent's: ``ask(kind, body) -> (reply, fds)`` is provided by the run
 loop (``channel_ask`` is the reference one over a socket); ``_broker_channel`` serialises
