@@ -80,9 +80,12 @@ def measure_leftover_check(n: int) -> Row:
     with Session(prespawn=0) as s:
         s.register(TOOL, inc, ToolMetadata(isolation="tool"))
         s.call(TOOL, x=1)
-        tool: Any = s._tools[TOOL]
-        worker = tool.free[0]
-        samples = sample_ns(lambda: leftovers(worker), n, min(n, 50))
+        backend: Any = s._backend
+        lease = backend.lease(s._tools[TOOL].spec)
+        try:
+            samples = sample_ns(lambda: leftovers(lease.handle), n, min(n, 50))
+        finally:
+            backend.release(lease, True)
     return latency_row("leftover_check", "warm worker leftover check (3 /proc reads, parent)",
                        samples, note="on every warm call")
 
@@ -97,8 +100,9 @@ def measure_session_start(n: int) -> list[Row]:
             t = time.perf_counter_ns()
             s = Session(prespawn=0, confinement=mode)
             starts[mode].append(time.perf_counter_ns() - t)
-            if mode == "auto" and s._pool is not None:
-                prepare.append(float(s._pool.zygote.report.get("prepare_ms", 0.0)) * 1e6)
+            pool = getattr(s._backend, "_pool", None)
+            if mode == "auto" and pool is not None:
+                prepare.append(float(pool.zygote.report.get("prepare_ms", 0.0)) * 1e6)
             s.close()
     on, off = (statistics.median(starts[m]) for m in MODES)
     return [

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import _anchor, _baselines, _failcore_bench, _kernel_bench
+from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _kernel_bench
 from benchmarks._report import bounds_section, checks, checks_table, profile_notes, table
 from benchmarks._timing import Row, Unavailable
 
@@ -44,6 +44,7 @@ class Sizes:
     warm_tput: int
     fresh_tput: int
     anchor: int
+    broker: int = 300
     kernel_warm: int = 20
     kernel_fresh: int = 10
     kernel_fresh_sparse: int = 4
@@ -58,12 +59,12 @@ class Sizes:
 
 FULL = Sizes(direct_batches=300, direct_per_batch=10_000, pipe=20_000, pools=5000,
              python_start=60, warm=10_000, warm_sparse=300, fresh=2000, fresh_sparse=500,
-             warm_tput=20_000, fresh_tput=1000, anchor=5000, kernel_warm=10_000,
+             warm_tput=20_000, fresh_tput=1000, anchor=5000, broker=3000, kernel_warm=10_000,
              kernel_fresh=1000, kernel_fresh_sparse=500, kernel_cold=300, leftover=10_000,
              starts=10)
 QUICK = Sizes(direct_batches=30, direct_per_batch=2000, pipe=800, pools=400, python_start=10,
               warm=800, warm_sparse=30, fresh=150, fresh_sparse=60, warm_tput=1600,
-              fresh_tput=120, anchor=400, kernel_warm=800, kernel_fresh=100,
+              fresh_tput=120, anchor=400, broker=300, kernel_warm=800, kernel_fresh=100,
               kernel_fresh_sparse=60, kernel_cold=40, leftover=1000, starts=3)
 
 
@@ -150,6 +151,8 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
             c.run(f"{kind}_tput_{mode}", f"{kind} throughput, {mode}",
                   functools.partial(_failcore_bench.measure_throughput, isolation, mode, calls))
     c.run("idle_memory", "idle worker memory", _failcore_bench.measure_idle_memory)
+    c.run("connect_brokered", "brokered vs direct loopback connect",
+          lambda: _broker_bench.measure_connect(sizes.broker, max(10, sizes.broker // 10)))
     if anchor is not None:
         c.run("anchor_traced", f"anchor failcore=={_anchor.ANCHOR_VERSION}",
               lambda: _measure_anchor(anchor, sizes.anchor, max(10, sizes.anchor // 10)))

@@ -1,8 +1,9 @@
-"""The Session: registry, dispatch to locked-down workers, trace, replay.
+"""The Session: registry, validation, policy, tokens, the trace; workers via a backend.
 
 Layers, top to bottom: ``Session`` (API, registration invariants, validation, policy
-pre-check, token, trace) -> ``_dispatch.exchange`` (one request/response within a
-deadline) -> ``_workers.Pool`` (prespawned workers forked by a clean zygote).
+pre-check, token, trace) -> ``Backend`` (``failcore._backend``: lease a worker, exchange
+one call within its deadline, release or retire) -> the worker. The Session is the single
+trace writer: backends report, it records.
 """
 
 from __future__ import annotations
@@ -11,23 +12,18 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
-import functools
 import itertools
 import os
 import pickle
-import shutil
-import sys
-import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
-from failcore import _confinement, _dispatch
+from failcore import _confinement
+from failcore._backend import Backend, Lease, Outcome, ToolSpec
 from failcore._capabilities import parse_capabilities
-from failcore._confinement import Confinement
-from failcore._dispatch import Outcome
+from failcore._confinement import Confinement, ToolConfinement
 from failcore._errors import (
     CallCancelled,
     ConfinementUnavailable,
@@ -40,7 +36,7 @@ from failcore._errors import (
 )
 from failcore._metadata import DefaultPolicy, ToolMetadata
 from failcore._policy import Policy
-from failcore._privilege import plan as privilege_plan
+from failcore._privilege import PrivilegePlan
 from failcore._recording import NoTrace, ObservedTrace, Observer, ScrubbingTrace, current_context
 from failcore._replay import Replayer
 from failcore._token import TokenMinter, ToolGrants
@@ -53,19 +49,8 @@ from failcore._tool import (
     ship,
 )
 from failcore._validation import build_models
-from failcore._watchdog import Watchdog
-from failcore._workers import Pool, Worker, leftovers
-from failcore._zygote import MINIMAL_ENV, Zygote
 from failcore_worker import protocol
-from failcore_worker.rules import GuardEvent, under
-
-_SYSTEM_READ = (
-    "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates",
-    "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
-    "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo",
-    "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero",
-)
-
+from failcore_worker.rules import GuardEvent
 
 # Detail kept in call.end so replay can re-raise the same error: (record key, attribute).
 _ERROR_DETAIL = (("rule", "rule"), ("target", "target"), ("layer", "layer"),
@@ -73,28 +58,28 @@ _ERROR_DETAIL = (("rule", "rule"), ("target", "target"), ("layer", "layer"),
 
 
 class _CallHandle:
-    """Links an ``acall`` to the worker serving it, so cancelling can kill that worker."""
+    """Links an ``acall`` to the lease serving it, so cancelling can kill that worker."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._worker: Worker | None = None
+        self._lease: tuple[Backend, Lease] | None = None
         self._cancelled = False
 
-    def attach(self, worker: Worker) -> bool:
+    def attach(self, backend: Backend, lease: Lease) -> bool:
         with self._lock:
-            self._worker = worker
+            self._lease = (backend, lease)
             return not self._cancelled
 
     def detach(self) -> None:
         with self._lock:
-            self._worker = None
+            self._lease = None
 
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
-            worker = self._worker
-        if worker is not None:
-            worker.kill("cancelled")
+            held = self._lease
+        if held is not None:
+            held[0].abort(held[1], "cancelled")
 
 
 class Session:
@@ -121,14 +106,15 @@ class Session:
                  max_workers_per_tool: int = 2, worker_user: str | int | None = "auto",
                  watchdog_interval_s: float = 0.05,
                  trace_result_bytes: int = 1024 * 1024, async_threads: int = 16,
-                 confinement: str = "auto") -> None:
-        from failcore import presets
+                 backend: Backend | None = None, confinement: str = "auto") -> None:
+        from failcore import __version__, presets
+        from failcore._local import LocalBackend
         from failcore._trace import TraceWriter
 
         if prespawn < 0 or max_workers_per_tool < 1 or async_threads < 1:
             raise ValueError("prespawn must be >= 0, max_workers_per_tool and async_threads >= 1")
         self._async_threads = async_threads
-        self._mode = _confinement.check_mode(confinement)
+        mode = _confinement.check_mode(confinement)
         self.policy: Policy = validator if validator is not None else presets.allow_all()
         self._tools: dict[str, Tool] = {}
         self._lock = threading.Lock()
@@ -137,98 +123,44 @@ class Session:
         self._workers_named = 0
         self._closed = False
         self._local = threading.local()
-        self._max_workers = max_workers_per_tool
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._replay = Replayer(os.fspath(replay)) if replay is not None else None
         self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else NoTrace()
         self._observers: list[Observer] = []
         self._tracing = trace is not None
         self._trace_result_bytes = trace_result_bytes
-        self._pool: Pool | None = None
-        self._watchdog: Watchdog | None = None
-        # The host-network pool (a second zygote, outside the empty namespace), started
-        # when the first tool that needs it registers; (pool, watchdog) once it exists.
-        self._host: list[tuple[Pool, Watchdog]] = []
-        self._root: str | None = None
-        self._implicit_read: list[str] = []
+        self._minter = TokenMinter()
+        start = {"failcore_version": __version__, "policy": getattr(self.policy, "name", None),
+                 "format": 1}
+        self._backend: Backend | None = None
         self._confinement = _confinement.off("replay session: no worker runs", None)
         if self._replay is not None:
-            self._record_start()
+            self._trace.record("session.start", None,
+                               dict(start, confinement=self._confinement.to_wire()))
             return
-        self.privilege = privilege_plan(worker_user)
-        # tmpfs when there is one: a per-call directory costs ~10 us there, ~160 us on disk.
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
-        self._root = tempfile.mkdtemp(prefix="failcore-", dir=shm)
-        os.chmod(self._root, 0o711)
-        self._minter = TokenMinter()
-        self._implicit_read = self._implicit_reads()
-        # Only entries the worker may read: an import that misses would otherwise list a
-        # directory the guards refuse (and fail the call) even when the tool expects it.
-        self._worker_sys_path = [
-            p for p in sys.path
-            if p and any(under(os.path.realpath(p), r) for r in self._implicit_read)]
-        self._prespawn, self._watchdog_interval = prespawn, watchdog_interval_s
+        if backend is None:
+            backend = LocalBackend(prespawn=prespawn, max_workers_per_tool=max_workers_per_tool,
+                                   worker_user=worker_user, watchdog_interval_s=watchdog_interval_s,
+                                   confinement=mode)
         try:
-            self._pool = self._start_pool(prespawn, watchdog_interval_s)
+            backend.start(self._minter.key)
         except BaseException:
-            self._record_start()
-            self.close()
+            backend.close()
+            self._trace.record("session.start", None, start)
+            self._trace.close()
             raise
-        self._finalizer = weakref.finalize(self, Session._finalize, self._pool,
-                                           self._watchdog, self._root, self._host)
-        atexit.register(self._finalizer)
-        self._record_start()
-        if self._mode == "require" and not self._confinement.complete:
+        self._backend = backend
+        atexit.register(backend.close)  # workers never outlive the interpreter
+        # Recorded once the backend has started: it carries what confinement is in force.
+        self._confinement = backend.confinement
+        self._trace.record("session.start", None,
+                           dict(start, confinement=self._confinement.to_wire()))
+        if mode == "require" and not self._confinement.complete:
             self.close()
             raise ConfinementUnavailable(
                 "confinement='require' but these kernel layers are not in force: "
                 + "; ".join(f"{x.name}: {x.reason}" for x in self._confinement.missing)
                 + ". Use confinement='auto' to run with what this kernel offers.")
-
-    def _start_pool(self, prespawn: int, interval: float) -> Pool:
-        """The confined pool: its zygote enters the empty network namespace and runs the
-        self-test (``_confinement``) before it forks any worker."""
-        assert self._root is not None
-        kernel = self._mode != "off"
-        probe = _confinement.Probe(self._root) if kernel else None
-        try:
-            pool = Pool(self._root, prespawn, self.privilege.uid, tuple(self._implicit_read), {
-                "netns": kernel, "userns": self.privilege.uid is None, "kernel": kernel,
-                "selftest": probe.options() if probe is not None else None})
-            arrived = probe.arrived() if probe is not None else (0, 0)
-        finally:
-            if probe is not None:
-                probe.close()
-        self._confinement = _confinement.judge(self._mode, pool.zygote.report, arrived,
-                                               self.privilege)
-        self._watchdog = Watchdog(pool, interval)
-        return pool
-
-    def _host_pool(self) -> Pool:
-        """The pool for host-network tools (``_confinement.network_mode``), started once."""
-        with self._lock:
-            if self._closed:
-                raise FailCoreError("the session is closed")
-            if not self._host:
-                assert self._root is not None
-                pool = Pool(self._root, self._prespawn, self.privilege.uid,
-                            tuple(self._implicit_read), {"kernel": self._mode != "off"},
-                            name="zygote-host")
-                self._host.append((pool, Watchdog(pool, self._watchdog_interval)))
-            return self._host[0][0]
-
-    def _pool_for(self, tool: Tool) -> Pool:
-        if tool.network == "host":
-            return self._host_pool()
-        assert self._pool is not None
-        return self._pool
-
-    def _record_start(self) -> None:
-        from failcore import __version__
-
-        self._trace.record("session.start", None, {
-            "failcore_version": __version__, "policy": getattr(self.policy, "name", None),
-            "format": 1, "confinement": self._confinement.to_wire()})
 
     @property
     def confinement(self) -> Confinement:
@@ -236,23 +168,11 @@ class Session:
         return self._confinement.with_tools(tuple(t.confinement for t in self._tools.values()))
 
     @property
-    def _zygote(self) -> Zygote | None:
-        return self._pool.zygote if self._pool is not None else None
+    def privilege(self) -> PrivilegePlan | None:
+        """Whether workers drop to an unprivileged uid, and why (local backend only)."""
+        return getattr(self._backend, "privilege", None)
 
     # ----------------------------------------------------------------- lifecycle
-    @staticmethod
-    def _finalize(pool: Pool | None, watchdog: Watchdog | None, root: str | None,
-                  host: list[tuple[Pool, Watchdog]] | None = None) -> None:
-        if watchdog is not None:
-            watchdog.stop()
-        if pool is not None:
-            pool.close()
-        for host_pool, host_watchdog in host or ():
-            host_watchdog.stop()
-            host_pool.close()
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
-
     def close(self) -> None:
         """Stop every worker (killing their trees), remove scratch space, close the trace."""
         with self._lock:
@@ -261,11 +181,9 @@ class Session:
             self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        finalizer = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer()
-        else:
-            Session._finalize(self._pool, self._watchdog, self._root, self._host)
+        if self._backend is not None:
+            self._backend.close()
+            atexit.unregister(self._backend.close)
         self._trace.record("session.end", None, {"calls": self._calls})
         self._trace.close()
 
@@ -302,19 +220,20 @@ class Session:
             raise RegistrationError(f"{name}: the tool cannot be serialised for a worker: {exc}") from exc
         env_names = tuple(str(c).split(":", 1)[1] for c in granted if str(c).startswith("env:"))
         network = _confinement.network_mode(metadata, grants)
-        plan = _confinement.tool_plan(grants, network, tuple(self._implicit_read),
-                                      self._zygote.report if self._zygote else {}, self._mode,
-                                      self._worker_path(env_names))
-        kernel = _confinement.ToolConfinement(name, network, plan.notes if plan else ())
-        if network == "host" and self._replay is None:
-            self._host_pool()
+        spec = ToolSpec(name=name, isolation=metadata.effective_isolation, grants=grants,
+                        grants_bytes=parts.grants_bytes, limits=metadata.limits.to_wire(),
+                        blob=blob, env_names=env_names, network=network)
+        if self._closed:
+            raise RegistrationError(f"{name}: the session is closed")
+        # The backend plans the tool's kernel confinement (and starts what it needs).
+        kernel = (self._backend.prepare(spec) if self._backend is not None
+                  else ToolConfinement(name, network))
         with self._lock:
             if self._closed:
                 raise RegistrationError(f"{name}: the session is closed")
             if name in self._tools:
                 raise RegistrationError(f"tool {name!r} is already registered")
-            self._tools[name] = Tool(name, fn, metadata, caps, models, parts, blob, env_names,
-                                     kernel, plan)
+            self._tools[name] = Tool(name, fn, metadata, caps, models, parts, spec, kernel)
         self._trace.record("tool.register", None, {
             "tool": name, "risk_level": metadata.risk_level.value,
             "side_effects": sorted(e.value for e in metadata.side_effects),
@@ -512,44 +431,38 @@ class Session:
         for _ in range(3):
             if outcome.status != "undelivered":
                 return outcome
-            # Nothing ran, so another worker may take the request. A dead worker usually
-            # means a dead zygote: its other prespawned workers are dead too.
-            self._pool_for(tool).replace_dead_zygote()
+            # Nothing ran, so another worker may take the request.
             outcome = self._dispatch_once(tool, call_id, call_frame)
         if outcome.status == "undelivered":
             outcome.status = "crashed"
         return outcome
 
     def _dispatch_once(self, tool: Tool, call_id: str, call_frame: bytes) -> Outcome:
-        pool = self._pool_for(tool)
-        worker, needs_init = self._acquire(tool)
+        backend = self._backend
+        assert backend is not None
+        lease = backend.lease(tool.spec)
+        worker = lease.worker
         reuse = False
         handle: _CallHandle | None = getattr(self._local, "handle", None)
         try:
-            if handle is not None and not handle.attach(worker):
+            if handle is not None and not handle.attach(backend, lease):
                 reuse = True  # cancelled before the request was sent: the worker is untouched
                 return Outcome(status="cancelled", error=CallCancelled(
                     f"{tool.name}: the call was cancelled by its caller before it started"))
-            frames = [call_frame]
-            if needs_init or tool.isolation == "call":
+            if lease.fresh:
                 with self._lock:  # named in call order, so equal runs give equal traces
                     self._workers_named += 1
                     worker.name = f"w{self._workers_named}"
-                if needs_init:
-                    frames.insert(0, self._init_frame(tool, worker))
                 self._trace.record("worker.spawn", call_id, {
                     "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})
                 # The init message (key, grants, environment, the tool) by type and size
                 # only. For a worker prepared ahead it was sent then; when is not recorded,
                 # so that equal runs give equal traces whatever the pool's timing.
                 self._trace.record("ipc.send", call_id, {
-                    "type": "init", "worker": worker.name,
-                    "bytes": len(frames[0]) if needs_init else worker.extra.get("init_bytes", 0)},
-                    plain=True)
+                    "type": "init", "worker": worker.name, "bytes": lease.init_bytes}, plain=True)
             self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(call_frame),
                                                      "worker": worker.name}, plain=True)
-            outcome = _dispatch.exchange(pool, worker, tool.name, frames,
-                                         tool.limits.timeout_s, tool.limits.output_bytes)
+            outcome = backend.exchange(lease, call_frame)
             reuse = outcome.reuse
             if outcome.recv_kind is not None:
                 self._trace.record("ipc.recv", call_id, {"type": outcome.recv_kind,
@@ -560,123 +473,5 @@ class Session:
         finally:
             if handle is not None:
                 handle.detach()
-            self._release(tool, worker, reuse, call_id)
+            backend.release(lease, reuse)
         return outcome
-
-    def _acquire(self, tool: Tool) -> tuple[Worker, bool]:
-        pool = self._pool_for(tool)
-        if tool.isolation == "call":
-            ready = pool.take_ready(tool.name)
-            if ready is not None:
-                return ready, False
-            # From now on keep workers of this tool initialised ahead of its calls: a
-            # fresh call then costs one round trip, not a lock-down and a load.
-            pool.want_ready(tool.name, functools.partial(self._init_frame, tool))
-            return pool.take(), True
-        with tool.cond:
-            while not tool.free:
-                if tool.count < self._max_workers:
-                    tool.count += 1
-                    break
-                tool.cond.wait()
-            else:
-                return tool.free.pop(), False
-        try:
-            worker = pool.take()
-        except BaseException:
-            with tool.cond:
-                tool.count -= 1
-                tool.cond.notify()
-            raise
-        worker.tool = tool.name
-        worker.isolation = "tool"
-        return worker, True
-
-    def _release(self, tool: Tool, worker: Worker, reuse: bool, call_id: str) -> None:
-        pool = self._pool_for(tool)
-        if tool.isolation == "call":
-            pool.retire(worker)
-            return
-        if reuse and not worker.dead:
-            # Warm workers carry nothing across calls: a thread, child or descriptor the
-            # call left behind retires the worker (its tree is killed now: a call's
-            # processes do not outlive the call).
-            left = leftovers(worker)
-            if left is not None:
-                reuse = False
-                worker.kill(f"carried over: {left}")
-                self._trace.record("worker.kill", call_id, {
-                    "worker": worker.name, "reason": worker.kill_reason, "pid": worker.pid})
-        with tool.cond:
-            if reuse and not worker.dead and not self._closed:
-                tool.free.append(worker)
-            else:
-                tool.count -= 1
-                pool.retire(worker)
-            tool.cond.notify()
-
-    def _init_frame(self, tool: Tool, worker: Worker) -> bytes:
-        return protocol.encode("init", self._init_body(tool, worker))
-
-    @staticmethod
-    def _granted_env(env_names: tuple[str, ...]) -> dict[str, str]:
-        """The granted variables of a worker's environment (over MINIMAL_ENV, HOME, TMPDIR)."""
-        env: dict[str, str] = {}
-        for pattern in env_names:
-            if pattern.endswith("*"):
-                env.update({k: v for k, v in os.environ.items() if k.startswith(pattern[:-1])})
-            elif pattern in os.environ:
-                env[pattern] = os.environ[pattern]
-        return env
-
-    def _worker_path(self, env_names: tuple[str, ...]) -> str:
-        return self._granted_env(env_names).get("PATH", MINIMAL_ENV["PATH"])
-
-    def _init_body(self, tool: Tool, worker: Worker) -> dict[str, Any]:
-        env = dict(MINIMAL_ENV, HOME=worker.base_dir, TMPDIR=worker.base_dir)
-        env.update(self._granted_env(tool.env_names))
-        worker.extra["grants"] = tool.parts.grants
-        worker.extra["memory_mb"] = tool.limits.memory_mb
-        worker.extra["processes"] = tool.limits.processes
-        return {
-            "key": self._minter.key, "tool": tool.name, "grants_obj": tool.parts.grants,
-            "grants_bytes": tool.parts.grants_bytes, "limits": tool.parts.limits, "env": env,
-            "base_dir": worker.base_dir, "sys_path": self._worker_sys_path,
-            "isolation": tool.isolation, "uid": self.privilege.uid, "gid": self.privilege.gid,
-            "confinement": self._mode, "network": tool.network,
-            "landlock": self._plan_for(tool),
-            "implicit_read": self._implicit_read, "tool_blob": tool.blob,
-        }
-
-    def _plan_for(self, tool: Tool) -> Any:
-        """The tool's Landlock plan; made again while a path it names does not exist yet
-        (a grant's directory created after registration gets its rule from then on)."""
-        plan = tool.kernel_plan
-        if plan is not None and plan.missing and self._zygote is not None:
-            plan = tool.kernel_plan = _confinement.tool_plan(
-                tool.parts.grants, tool.network, tuple(self._implicit_read),
-                self._zygote.report, self._mode, self._worker_path(tool.env_names))
-        return plan
-
-    @staticmethod
-    def _implicit_reads() -> list[str]:
-        import sysconfig
-
-        # The interpreter's own trees only: other sys.path entries (the script's directory,
-        # the cwd under -m, a project checkout) may hold anything, ~/.ssh included.
-        trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
-        trees = {os.path.realpath(p) for p in trees if p}
-        paths = set(trees)
-        paths.update(p for p in map(os.path.realpath, filter(None, sys.path))
-                     if any(under(p, t) for t in trees))
-        paths.update(_SYSTEM_READ)
-        # TLS configuration, but never the private keys beside it (/etc/ssl/private).
-        try:
-            paths.update(os.path.join("/etc/ssl", e) for e in os.listdir("/etc/ssl")
-                         if e != "private")
-        except OSError:
-            pass
-        paths.add(os.path.dirname(os.path.abspath(protocol.__file__)))  # the worker package
-        return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
-
-

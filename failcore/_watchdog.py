@@ -7,9 +7,11 @@ resident memory against ``memory_mb``, child processes when no ``proc:exec`` is 
 the number of descendants against ``Limits.processes`` (root ignores RLIMIT_NPROC), and
 the inet connections of the worker *and every descendant* (a program run under
 ``proc:exec`` is not guarded inside: this is where its connections are judged) to a
-blocked special range or when no network is granted. Connections are read in the
-process's own network namespace: a confined worker's namespace is empty, so this matters
-most for host-network tools (``ToolMetadata(network="host")``).
+blocked special range or when no network is granted. psutil matches a process's socket
+descriptors against the *parent's* network namespace tables: it sees host-network
+workers' connections (``ToolMetadata(network="host")``: where this matters most) and
+descriptors the broker passed in, not sockets inside a confined worker's empty namespace
+(which reach nothing).
 """
 
 from __future__ import annotations
@@ -28,17 +30,18 @@ from failcore_worker import rules
 
 def violation(worker: Worker, proc: psutil.Process) -> tuple[str, str] | None:
     """(reason, detail) when the worker breaks its grants as seen from outside, else None."""
-    grants: rules.Grants | None = worker.extra.get("grants")
-    if grants is None:
+    spec = worker.spec
+    if spec is None:
         return None
-    limit = int(worker.extra.get("memory_mb", 0)) * 1024 * 1024
+    grants = spec.grants
+    limit = spec.limits["memory_mb"] * 1024 * 1024
     rss = proc.memory_info().rss
     if limit and rss > limit:
         return "memory", f"resident memory {rss // (1024 * 1024)} MB > memory_mb={limit // (1024 * 1024)}"
     children = descendants(worker.pid)
     if children and (not grants.exec or grants.deny_exec) and grants.default == "block":
         return "exec", f"child process {children[0]} with no proc:exec granted"
-    most = int(worker.extra.get("processes", 0))
+    most = spec.limits["processes"]
     if most and len(children) > most:
         return "processes", f"{len(children)} descendant processes > processes={most}"
     for pid, conns in _tree_connections(proc, children):
@@ -86,9 +89,9 @@ class Watchdog:
 
             for worker in self._pool.busy_workers(busy):
                 try:
-                    proc = worker.extra.get("proc")
+                    proc = worker.proc
                     if proc is None:
-                        proc = worker.extra["proc"] = psutil.Process(worker.pid)
+                        proc = worker.proc = psutil.Process(worker.pid)
                     found = violation(worker, proc)
                 except (psutil.Error, ValueError):
                     continue

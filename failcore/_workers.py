@@ -16,34 +16,45 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from failcore._errors import WorkerCrashed
 from failcore._zygote import Zygote
-from failcore_worker import _tree, protocol
+from failcore_worker import _tree
+
+if TYPE_CHECKING:
+    from failcore._backend import ToolSpec
 
 
 @dataclass(eq=False)
 class Worker:
+    """A worker process and the parent's end of its channel.
+
+    ``spec``: the tool it locked down for (None while idle); ``pending_init``: its ``init``
+    frame when the next exchange must send it first; ``busy_since``: set while a call is in
+    flight (the watchdog looks only at those); ``proc``: the watchdog's psutil handle;
+    ``chan_fd``: its channel's descriptor number inside the worker (``leftovers``).
+    """
+
     pid: int
     chan: socket.socket
     base_dir: str
     name: str
+    zygote: Zygote | None = None
     tool: str | None = None
     isolation: str = "call"
+    spec: ToolSpec | None = None
     dead: bool = False
     kill_reason: str | None = None
     kill_detail: str = ""
-    calls: int = 0
     busy_since: float | None = None
-    chan_fd: int = -1
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def send(self, kind: str, body: dict[str, Any]) -> int:
-        return protocol.send(self.chan, kind, body)
+    init_bytes: int = 0
+    pending_init: bytes | None = None
+    proc: psutil.Process | None = None
+    chan_fd: int = -1  # the channel's number inside the worker (reported by the zygote)
 
     def kill(self, reason: str, detail: str = "") -> None:
         """Kill the worker and every process below it. Safe from any thread, idempotent."""
@@ -163,8 +174,7 @@ class Pool:
         with self._lock:
             self._counter += 1
             worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}",
-                            chan_fd=chan_fd)
-            worker.extra["zygote"] = self.zygote
+                            zygote=self.zygote, chan_fd=chan_fd)
             self._all.add(worker)
         return worker
 
@@ -203,9 +213,6 @@ class Pool:
                     self._cleanup.append(worker)
         self._refill.set()
 
-    def zygote_died(self) -> bool:
-        return self.zygote.proc.poll() is not None
-
     def _maintain(self) -> None:
         while True:
             self._refill.wait()
@@ -220,7 +227,6 @@ class Pool:
                     if job:
                         frame = self._builders[job](worker)
                         worker.chan.sendall(frame)
-                        worker.extra["init_bytes"] = len(frame)
                 except Exception:  # noqa: BLE001 - surfaced by the next take()
                     break
                 with self._lock:

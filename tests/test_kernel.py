@@ -544,12 +544,19 @@ def test_a_narrower_token_stacks_a_narrower_domain(session: Session, tree: dict[
     session.register("read", read_guards_off, meta(f"fs:read:{tree['data']}", isolation="tool"))
     assert session.call("read", where=parts(tree["data"] / "in.txt")) == 0
     tool: Any = session._tools["read"]
-    worker = tool.free[0]
+    backend: Any = session._backend
+    lease = backend.lease(tool.spec)
+    assert not lease.fresh
+    worker = lease.handle
     narrower = dataclasses.replace(tool.parts.grants,
                                    fs=(FsRule(str(tree["data"] / "sub"), write=False),))
     token, mac = session._minter.mint("n1", "read", ToolGrants.build(narrower, tool.parts.limits), 5)
-    worker.send("call", {"token": token, "mac": mac, "args": {"where": parts(tree["data"] / "in.txt")}})
-    kind, body = _wire.decode(protocol.recv_frame(worker.chan))
+    try:
+        worker.chan.sendall(protocol.encode("call", {
+            "token": token, "mac": mac, "args": {"where": parts(tree["data"] / "in.txt")}}))
+        kind, body = _wire.decode(protocol.recv_frame(worker.chan))
+    finally:
+        backend.release(lease, False)
     assert (kind, body["value"]) == ("result", errno.EACCES)
     assert body["retire"] is True, "a worker narrowed in the kernel is not reused"
 
