@@ -99,38 +99,55 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+_NULL = os.stat(os.devnull).st_rdev
+
+
 def leftovers(worker: Worker) -> str | None:
     """What a finished call left running in a warm worker, or None when it left nothing.
 
     Read by the parent from /proc (trusted: not the worker's word). Between calls a worker
-    is one thread with no children, holding stdin/stdout/stderr (``/dev/null``) and its
+    is one thread with no children, holding stdin/stdout/stderr on ``/dev/null`` and its
     channel, whose number the zygote reported before any tool code ran. A thread, child
     process or descriptor beyond that could act on the next call (swap its scratch dir,
-    keep serving on a socket): such a worker is retired, not reused. About three /proc
-    reads; on the warm path.
+    keep serving on a socket, hand call N's data to call N+1): such a worker is retired,
+    not reused. On the warm path, so cheap: the thread count is the link count of
+    ``task/``, the descriptor count the size of ``fd/`` (Linux 6.2+; else a listing), plus
+    the children list and a stat of descriptors 0-2 (a socket dup2'd over stdout keeps the
+    count). A worker still removing a scratch directory its tool filled may hold a
+    descriptor for that moment and is retired too: that costs a new worker, not a call.
     """
     pid = worker.pid
+    proc = f"/proc/{pid}"
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            threads = int(f.read().rsplit(b")", 1)[1].split()[17])
+        threads = os.stat(proc + "/task").st_nlink - 2
         if threads != 1:
             return f"{threads - 1} thread(s) still running after the call"
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-            kids = f.read().split()
+        fd = os.open(f"{proc}/task/{pid}/children", os.O_RDONLY)
+        try:
+            kids = os.read(fd, 64).split()
+        finally:
+            os.close(fd)
         if kids:
             return f"child process {int(kids[0])} still running after the call"
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except (OSError, ValueError, IndexError) as exc:
+        count = os.stat(proc + "/fd").st_size
+        for std in (0, 1, 2):
+            if os.stat(f"{proc}/fd/{std}").st_rdev != _NULL:
+                return (f"descriptor {std} ({os.readlink(f'{proc}/fd/{std}')}) replaced "
+                        "during the call")
+        if count == 4:
+            return None
+        fds = os.listdir(proc + "/fd")
+    except (OSError, ValueError) as exc:
         return f"its /proc entries could not be read ({exc})"
-    extra = sorted(int(fd) for fd in fds if fd not in ("0", "1", "2", str(worker.chan_fd)))
+    extra = sorted(int(n) for n in fds if n not in ("0", "1", "2", str(worker.chan_fd)))
     if not extra:
         return None
     shown = []
-    for fd in extra[:3]:
+    for n in extra[:3]:
         try:
-            shown.append(f"{fd} ({os.readlink(f'/proc/{pid}/fd/{fd}')})")
+            shown.append(f"{n} ({os.readlink(f'{proc}/fd/{n}')})")
         except OSError:
-            shown.append(str(fd))
+            shown.append(str(n))
     more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
     return f"descriptor {', '.join(shown)}{more} still open after the call"
 

@@ -44,6 +44,16 @@ def leave_socket() -> int:
     return os.getpid()
 
 
+def socket_over_stdout() -> int:
+    """Keeps the descriptor count: only what descriptor 1 now is gives it away."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    os.dup2(s.fileno(), 1)
+    s.close()
+    return os.getpid()
+
+
 def leave_child() -> int:
     import subprocess
 
@@ -110,9 +120,10 @@ def test_a_clean_call_keeps_its_worker(session: Session, trace: Path) -> None:
     (leave_thread, "1 thread(s) still running", WARM),
     (leave_file, "kept.txt", WARM),
     (leave_socket, "socket:[", WARM),
+    (socket_over_stdout, "descriptor 1 (socket:[", WARM),
     (leave_child, "child process", ToolMetadata(isolation="tool", side_effect=SideEffect.PROCESS,
                                                 capabilities=["proc:exec:/bin/sleep"])),
-], ids=["thread", "file", "socket", "child"])
+], ids=["thread", "file", "socket", "dup2-over-stdout", "child"])
 def test_a_leftover_retires_the_worker(session: Session, trace: Path, fn: Any, what: str,
                                        meta: ToolMetadata) -> None:
     session.register("leak", fn, meta)
