@@ -9,7 +9,6 @@ before dispatch, but were that broken the attempt must still not leave the machi
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from extras import need
+from integration_support import TESTS, ended, in_flight, need, records
 
 need("mcp", "mcp")
 from mcp import Client  # noqa: E402
@@ -35,8 +34,6 @@ from failcore.mcp import build_server, check_host  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
 import agent_tools  # noqa: E402
 
 SPEC = "agent_tools:make_session"
@@ -45,41 +42,6 @@ SPEC = "agent_tools:make_session"
 def _failcore_command() -> list[str]:
     script = shutil.which("failcore", path=os.path.dirname(sys.executable))
     return [script] if script else [sys.executable, "-m", "failcore._cli"]
-
-
-def _records(trace: Path) -> list[dict[str, Any]]:
-    if not trace.exists():
-        return []
-    out = []
-    for line in trace.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return out
-
-
-def _calls(trace: Path, tool: str) -> list[str]:
-    return [r["call_id"] for r in _records(trace)
-            if r["kind"] == "call.start" and r["body"]["tool"] == tool]
-
-
-async def _in_flight(trace: Path, tool: str, nth: int = 0,
-                     timeout: float = 20.0) -> tuple[str, int]:
-    """Wait (bounded) until the ``nth`` call of ``tool`` was sent to a worker: (call id,
-    worker pid)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        records = _records(trace)
-        for cid in _calls(trace, tool)[nth:nth + 1]:
-            pids = [r["body"]["pid"] for r in records
-                    if r["call_id"] == cid and r["kind"] == "worker.spawn"]
-            sent = any(r["call_id"] == cid and r["kind"] == "ipc.send"
-                       and r["body"]["type"] == "call" for r in records)
-            if pids and sent:
-                return cid, pids[0]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no call of {tool} reached a worker within {timeout} s")
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
@@ -100,16 +62,16 @@ def _text(result: Any) -> str:
 
 def _assert_cancelled(trace: Path, cid: str, pid: int) -> None:
     assert _gone(pid), f"worker {pid} still running after the client went away"
-    records = [r for r in _records(trace) if r["call_id"] == cid]
-    kills = [r["body"] for r in records if r["kind"] == "worker.kill"]
+    mine = ended(trace, cid)
+    kills = [r["body"] for r in mine if r["kind"] == "worker.kill"]
     assert kills and kills[0]["reason"] == "cancelled" and kills[0]["pid"] == pid
-    [end] = [r["body"] for r in records if r["kind"] == "call.end"]
+    [end] = [r["body"] for r in mine if r["kind"] == "call.end"]
     assert end["status"] == "cancelled" and end["error"]["type"] == "CallCancelled"
 
 
 def _request_ids(trace: Path) -> list[str | None]:
     return [(r["body"].get("context") or {}).get("mcp_request_id")
-            for r in _records(trace) if r["kind"] == "call.start"]
+            for r in records(trace) if r["kind"] == "call.start"]
 
 
 async def _check_tools_and_errors(client: Client, trace: Path) -> None:
@@ -147,7 +109,7 @@ async def _check_tools_and_errors(client: Client, trace: Path) -> None:
 
     ids = _request_ids(trace)
     assert len(ids) == 6 and all(ids) and len(set(ids)) == 6  # every call, the unknown one too
-    ends = [r["body"]["status"] for r in _records(trace) if r["kind"] == "call.end"]
+    ends = [r["body"]["status"] for r in records(trace) if r["kind"] == "call.end"]
     assert ends == ["ok", "ok", "invalid_input", "timeout", "failed", "invalid_input"]
 
 
@@ -186,9 +148,9 @@ def _assert_ssrf_refused(result: Any, trace: Path) -> None:
     assert result.is_error
     assert _text(result).startswith("SecurityError: fetch: argument 'url' refused before dispatch")
     assert "[rule: net_safe: 169.254.0.0/16" in _text(result)
-    records = _records(trace)
-    assert not [r for r in records if r["kind"] in ("worker.spawn", "ipc.send")]  # nothing ran
-    [end] = [r["body"] for r in records if r["kind"] == "call.end"]
+    recs = records(trace)
+    assert not [r for r in recs if r["kind"] in ("worker.spawn", "ipc.send")]  # nothing ran
+    [end] = [r["body"] for r in recs if r["kind"] == "call.end"]
     assert end["status"] == "blocked" and end["error"]["layer"] == "precheck"
 
 
@@ -198,7 +160,7 @@ def _assert_ssrf_refused(result: Any, trace: Path) -> None:
 def _stdio(trace: Path) -> StdioServerParameters:
     return StdioServerParameters(
         command=_failcore_command()[0], args=[*_failcore_command()[1:], "mcp", "serve", SPEC],
-        cwd=str(FIXTURES), env={"FAILCORE_TEST_TRACE": str(trace)})
+        cwd=str(TESTS), env={"FAILCORE_TEST_TRACE": str(trace)})
 
 
 def test_stdio_tools_and_errors(tmp_path: Path) -> None:
@@ -209,7 +171,7 @@ def test_stdio_tools_and_errors(tmp_path: Path) -> None:
             await _check_tools_and_errors(client, trace)
 
     asyncio.run(run())
-    assert _records(trace)[-1]["kind"] == "session.end"  # the server closed its session
+    assert records(trace)[-1]["kind"] == "session.end"  # the server closed its session
 
 
 @pytest.mark.netns
@@ -230,7 +192,7 @@ def test_stdio_cancelled_call_and_disconnect_kill_the_worker(tmp_path: Path) -> 
         async with Client(_stdio(trace)) as client:
             # 1. the client cancels one call (notifications/cancelled); the server goes on
             task = asyncio.create_task(client.call_tool("sleepy", {"seconds": 30}))
-            cid, pid = await _in_flight(trace, "sleepy")
+            cid, pid = await in_flight(trace, "sleepy")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -238,7 +200,7 @@ def test_stdio_cancelled_call_and_disconnect_kill_the_worker(tmp_path: Path) -> 
             assert _text(await client.call_tool("add", {"a": 1, "b": 1})) == "2"
             # 2. the client goes away mid-call (stdin closes)
             task = asyncio.create_task(client.call_tool("sleepy", {"seconds": 30}))
-            cid, pid = await _in_flight(trace, "sleepy", nth=1)
+            cid, pid = await in_flight(trace, "sleepy", nth=1)
         with pytest.raises(Exception):  # noqa: B017 - whatever the SDK raises for a lost connection
             await task
         _assert_cancelled(trace, cid, pid)
@@ -246,7 +208,7 @@ def test_stdio_cancelled_call_and_disconnect_kill_the_worker(tmp_path: Path) -> 
     asyncio.run(run())
     # The server exited on its own, closing its session (the SDK would have had to
     # terminate it after 2 s otherwise, and a terminated server writes no session.end).
-    assert _records(trace)[-1]["kind"] == "session.end"
+    assert records(trace)[-1]["kind"] == "session.end"
 
 
 # --- streamable HTTP on loopback ---------------------------------------------------------------
@@ -256,7 +218,7 @@ def test_stdio_cancelled_call_and_disconnect_kill_the_worker(tmp_path: Path) -> 
 def _http_server(trace: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     env = dict(os.environ, FAILCORE_TEST_TRACE=str(trace))
     proc = subprocess.Popen([*_failcore_command(), "mcp", "serve", SPEC, "--transport", "http",
-                             "--port", "0", *extra], cwd=FIXTURES, env=env, text=True,
+                             "--port", "0", *extra], cwd=TESTS, env=env, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -288,7 +250,7 @@ def test_http_tools_errors_and_a_clean_stop(tmp_path: Path) -> None:
         asyncio.run(run())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0  # SIGTERM is a clean stop
-    assert _records(trace)[-1]["kind"] == "session.end"
+    assert records(trace)[-1]["kind"] == "session.end"
 
 
 @pytest.mark.netns
@@ -309,7 +271,7 @@ def test_http_client_that_disconnects_mid_call_kills_the_worker(tmp_path: Path) 
         async def run() -> None:
             async with Client(url) as client:
                 task = asyncio.create_task(client.call_tool("sleepy", {"seconds": 30}))
-                cid, pid = await _in_flight(trace, "sleepy")
+                cid, pid = await in_flight(trace, "sleepy")
             task.cancel()
             with pytest.raises(BaseException):  # noqa: B017 - cancelled or connection lost
                 await task
@@ -335,7 +297,7 @@ def test_http_refuses_a_non_loopback_host(capsys: pytest.CaptureFixture[str]) ->
 
 def test_cli_reports_a_bad_session_spec(capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(FIXTURES)
+    monkeypatch.chdir(TESTS)
     assert cli_main(["mcp", "serve", "agent_tools"]) == 2
     assert "is not MODULE:SESSION" in capsys.readouterr().err
     assert cli_main(["mcp", "serve", "agent_tools:nothing"]) == 2
