@@ -56,6 +56,7 @@ def test_error_text_names_the_rule_and_hides_secrets(session: Session) -> None:
     ("failcore.integrations.openai_agents", "agents", "openai-agents"),
     ("failcore.integrations.pydantic_ai", "pydantic_ai", "pydantic-ai"),
     ("failcore.mcp", "mcp", "mcp"),
+    ("failcore.otel", "opentelemetry.trace", "otel"),
 ])
 def test_a_missing_extra_names_the_install_line(module: str, library: str, extra: str,
                                                 session: Session,
@@ -64,7 +65,7 @@ def test_a_missing_extra_names_the_install_line(module: str, library: str, extra
 
     integration = importlib.import_module(module)  # importing needs no extra
     monkeypatch.setitem(sys.modules, library, None)  # as if it were not installed
-    entry = integration.build_server if module == "failcore.mcp" else integration.tools
+    entry = {"failcore.mcp": "build_server", "failcore.otel": "instrument"}.get(module, "tools")
     with pytest.raises(MissingExtra, match=rf"pip install 'failcore\[{extra}\]'") as raised:
-        entry(session)
+        getattr(integration, entry)(session)
     assert isinstance(raised.value, ImportError)
