@@ -306,3 +306,16 @@ def test_cli_reports_a_bad_session_spec(capsys: pytest.CaptureFixture[str],
     assert "not a failcore Session" in capsys.readouterr().err
     assert cli_main(["mcp", "serve", "no_such_module_here:session"]) == 2
     assert "cannot import 'no_such_module_here'" in capsys.readouterr().err
+
+
+def test_the_benchmark_measures_the_round_trip_next_to_a_direct_call() -> None:
+    sys.path.insert(0, str(TESTS.parent))  # `benchmarks` lives at the repository root
+    from benchmarks import _mcp_bench
+    from benchmarks._timing import Row
+
+    rows = _mcp_bench.measure_mcp(3, 1)
+    assert [r.key for r in rows] == ["mcp_direct_call", "mcp_direct_acall", "mcp_stdio",
+                                     "mcp_stdio_start"]
+    assert all(isinstance(r, Row) and r.value > 0 for r in rows)
+    text = _mcp_bench.summary({r.key: r for r in rows if isinstance(r, Row)})
+    assert "x a direct `session.call`" in text and "x `await session.acall`" in text
