@@ -29,6 +29,7 @@ from mcp import Client  # noqa: E402
 from mcp.client.stdio import StdioServerParameters  # noqa: E402
 from mcp.shared.exceptions import MCPError  # noqa: E402
 
+from failcore import Session  # noqa: E402
 from failcore._cli import main as cli_main  # noqa: E402
 from failcore.mcp import build_server, check_host  # noqa: E402
 
@@ -127,6 +128,24 @@ def test_in_process_tools_and_errors(tmp_path: Path) -> None:
         asyncio.run(run())
     finally:
         session.close()
+
+
+def test_a_replaying_session_answers_from_its_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    with agent_tools.make_session(str(trace)) as recorded:
+        recorded.call("add", a=2, b=3)
+    replaying = Session(replay=trace)
+    try:
+        async def run() -> tuple[Any, Any]:
+            async with Client(build_server(replaying)) as client:
+                return (await client.call_tool("add", {"a": 2, "b": 3}),
+                        await client.call_tool("add", {"a": 9, "b": 9}))
+
+        same, other = asyncio.run(run())
+    finally:
+        replaying.close()
+    assert not same.is_error and _text(same) == "5"
+    assert other.is_error and _text(other).startswith("ReplayMismatch")
 
 
 @pytest.mark.netns
