@@ -17,7 +17,8 @@ Every message says what was refused, which rule refused it, and what to change::
     ├── RegistrationError        metadata broke an invariant
     │   └── CapabilityError          a capability string does not parse (also a ValueError)
     ├── PolicyError              a policy file or preset is malformed (also a ValueError)
-    └── TraceError               a trace file is malformed, tampered with or unreadable
+    ├── TraceError               a trace file is malformed, tampered with or unreadable
+    └── MissingExtra             an optional integration's extra is not installed (also an ImportError)
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ class CapabilityError(RegistrationError, ValueError):
 
 class PolicyError(FailCoreError, ValueError):
     """A policy file or preset is malformed."""
+
+
+class MissingExtra(FailCoreError, ImportError):
+    """An integration's optional dependency is not installed; the message names the extra
+    (``pip install 'failcore[mcp]'``)."""
 
 
 class TraceError(FailCoreError):
