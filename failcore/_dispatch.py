@@ -43,6 +43,7 @@ class Outcome:
     recv_kind: str | None = None
     recv_bytes: int = 0
     reuse: bool = True
+    cpu_s: float = 0.0  # as the worker reported it (0 when it did not answer)
 
 
 def exchange(pool: Pool, worker: Worker, tool: str, frames: list[bytes],
@@ -82,12 +83,19 @@ def exchange(pool: Pool, worker: Worker, tool: str, frames: list[bytes],
         return Outcome(status="invalid_output", reuse=False, error=OutputValidationError(
             f"{tool}: the result could not be read back: {exc}"), recv_bytes=len(payload))
     out = Outcome(recv_kind=kind, recv_bytes=len(payload) + protocol.HEADER.size,
-                  events=list(body.get("events") or []))
+                  events=list(body.get("events") or []), cpu_s=_cpu_seconds(body.get("cpu_s")))
     if kind == "result":
         out.value = body.get("value")
         out.reuse = not body.get("retire", False)
         return out
     return _map_error(tool, body, out)
+
+
+def _cpu_seconds(value: Any) -> float:
+    """The worker's CPU report, distrusted: a number of seconds, else 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return 0.0
+    return min(float(value), 1e6)
 
 
 def _map_error(tool: str, body: dict[str, Any], out: Outcome) -> Outcome:

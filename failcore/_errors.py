@@ -49,6 +49,20 @@ class CallCancelled(FailCoreError):
     was killed so the tool does not run on unobserved."""
 
 
+class BudgetExceeded(FailCoreError):
+    """A budget (calls, calls per minute, CPU or wall seconds, a result field's sum) is
+    spent; the call was refused before dispatch. ``budget`` names it ("session.calls",
+    "tool:search.sum:usage.tokens"), ``limit`` and ``used`` are its numbers."""
+
+    def __init__(self, message: str, *, budget: str = "", limit: float | None = None,
+                 used: float | None = None, state: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.limit = limit
+        self.used = used
+        self.state = state or []
+
+
 class ResourceLimitExceeded(FailCoreError):
     """The tool hit a resource limit (memory, CPU, file size, open files, output size)."""
 

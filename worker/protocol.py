@@ -10,8 +10,9 @@ Messages, parent -> worker:
   ("call", {"token": bytes, "mac": str, "args": dict})
   ("exit", {})
 Worker -> parent:
-  ("result", {"value": obj, "events": [GuardEvent], "retire": bool})
-  ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...]})
+  ("result", {"value": obj, "events": [GuardEvent], "retire": bool, "cpu_s": float})
+  ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...],
+              "cpu_s": float})
 
 The capability token is ``header \\n grants \\n limits`` (three canonical JSON documents)
 with an HMAC-SHA256 under the per-session key; the grants and limits parts are the same
