@@ -173,6 +173,17 @@ class Policy:
         """True when this policy marks ``tool`` ``approve = true``."""
         return tool in self.approve_tools
 
+    def explain(self, tool: str, args: Mapping[str, Any] | None = None,
+                capabilities: Iterable[str | Capability] = (), **options: Any) -> Any:
+        """What would happen to a prospective call, layer by layer, without running it.
+
+        See ``failcore._explain.explain`` for the options (risk level, default policy,
+        side effects, whether the session has an approver) and the result.
+        """
+        from failcore._explain import explain
+
+        return explain(self, tool, dict(args or {}), capabilities, **options)
+
     # -- capabilities -> grants --------------------------------------------------------
 
     def intersect(
@@ -284,18 +295,20 @@ class Policy:
         return dataclasses.replace(grants, block_ranges=False, fs_root=None, deny_exec=False)
 
     def precheck(
-        self, grants: Grants, args: Mapping[str, Any], cwd: str | None = None
+        self, grants: Grants, args: Mapping[str, Any], cwd: str | None = None,
+        keep_allowed: bool = False,
     ) -> list[tuple[str, Verdict]]:
         """Layer 1: judge every URL and path found anywhere in ``args`` before dispatch.
 
         Returns ``(argument path, verdict)`` for each finding that is not "allow", e.g.
         ``("payload.urls[2]", Verdict("block", "net_safe: 169.254.0.0/16 ...", ...))``.
         ``cwd`` is the call's scratch directory, against which relative paths resolve.
+        ``keep_allowed``: report allowed URLs and paths too (``explain``).
         """
-        strict = scan_arguments(self._enforcing(grants), args, cwd)
+        strict = scan_arguments(self._enforcing(grants), args, cwd, keep_allowed)
         if not self.warn_only:
             return strict
-        relaxed = dict(scan_arguments(self._relaxed(grants), args, cwd))
+        relaxed = dict(scan_arguments(self._relaxed(grants), args, cwd, keep_allowed))
         return [(where, self._downgrade(v, relaxed.get(where))) for where, v in strict]
 
     def _downgrade(self, strict: Verdict, relaxed: Verdict | None) -> Verdict:
