@@ -120,10 +120,19 @@ def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"    error {_one_line(c.error.get('type'))}: {_one_line(c.error.get('message'))}\n")
         for a in c.attempts:
             out.write(f"    {_one_line(a.action):<5} [{a.layer}] {_one_line(a.what)}  rule: {_one_line(a.rule)}\n")
+        if c.approval is not None and c.approval.get("decision") == "approved":
+            by = f" by {_one_line(c.approval['by'])}" if c.approval.get("by") else ""
+            asked = _one_line(", ".join(str(r) for r in c.approval.get("required_by") or []))
+            out.write(f"    approved [approval]{by} ({asked})\n")
     status = _one_line(", ".join(f"{n} {s}" for s, n in counts["status"].items()) or "none", 400)
     out.write(f"{counts['calls']} calls ({status}); {counts['blocked']} blocked attempts "
               f"({counts['blocked_precheck']} before dispatch, {counts['blocked_worker']} in the "
               f"worker); {counts['warnings']} warnings\n")
+    guard = summary.guardrails()
+    if any(guard.values()):
+        out.write(f"guardrails: {guard['scan_findings']} scan findings ({guard['scan_blocked']} "
+                  f"blocked, {guard['scan_redacted']} redacted); {guard['approvals']} approvals "
+                  f"({guard['approvals_refused']} refused); {guard['budget_stops']} budget stops\n")
     for w in report.warnings:
         out.write(f"warning: {_one_line(w, 1000)}\n")
     return EXIT_OK
