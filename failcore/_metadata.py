@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from failcore._budgets import Budget
+from failcore_worker.protocol import LimitsWire
 
 
 class RiskLevel(enum.StrEnum):
@@ -73,7 +74,7 @@ class Limits:
     def effective_cpu_s(self) -> int:
         return self.cpu_s if self.cpu_s is not None else int(self.timeout_s) + 2
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> LimitsWire:
         return {
             "timeout_s": self.timeout_s,
             "memory_mb": self.memory_mb,

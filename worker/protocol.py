@@ -19,15 +19,16 @@ with an HMAC-SHA256 under the per-session key; the grants and limits parts are t
 bytes for every call of a tool, which lets both sides cache their encoding and parsing.
 """
 
-from __future__ import annotations
-
 import hashlib
 import hmac
 import json
 import pickle
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
+
+if TYPE_CHECKING:
+    from failcore_worker.rules import Grants
 
 HEADER = struct.Struct("!I")
 PICKLE_PROTOCOL = 5
@@ -41,6 +42,80 @@ ERR_MEMORY = "memory"  # MemoryError / RLIMIT_AS
 ERR_RESOURCE = "resource"  # another rlimit (file size, open files, CPU)
 ERR_UNPICKLABLE = "unpicklable"  # the result (or arguments) could not be pickled
 ERR_INIT = "init"  # lock-down or loading the tool failed
+
+
+Action = Literal["allow", "warn", "block"]
+
+
+class GuardSubject(TypedDict):
+    """What a guarded operation acts on: ``op`` ("net.connect", "net.resolve", "net.bind",
+    "fs.open", "fs.modify", "proc.exec", "proc.kill", "ctypes", ...) and its target."""
+
+    op: str
+    target: NotRequired[str]
+    host: NotRequired[str]
+    port: NotRequired[int]
+    names: NotRequired[list[str]]
+    path: NotRequired[str]
+    write: NotRequired[bool]
+    program: NotRequired[str]
+
+
+class GuardEvent(GuardSubject):
+    """A guarded operation and its verdict, reported to the parent and written to the trace
+    (the trace's ``guard`` body and the re-judge keys are derived from this class).
+
+    ``observed``: "worker" (reported by the worker: a hostile tool can lie in it) or
+    "parent" (seen by the parent itself); absent means "worker".
+    """
+
+    action: Action
+    rule: str
+    reason: str
+    observed: NotRequired[Literal["worker", "parent"]]
+
+
+class LimitsWire(TypedDict):
+    """``failcore.Limits`` as it travels: in the init message and signed into each token."""
+
+    timeout_s: float
+    memory_mb: int
+    cpu_s: int
+    file_size_mb: int
+    open_files: int
+    output_bytes: int
+    processes: int
+
+
+class InitBody(TypedDict):
+    """parent -> worker ``init``: lock down to these grants, then load the tool.
+
+    ``grants_obj`` is the Grants object itself (parsing ``grants_bytes`` costs ~100 us);
+    ``grants_bytes`` is the token's grants part, byte for byte. ``uid``/``gid``: drop to them
+    when the worker is root. ``implicit_read``: directories every worker may read.
+    """
+
+    key: bytes
+    tool: str
+    grants_obj: "Grants"
+    grants_bytes: bytes
+    limits: LimitsWire
+    env: dict[str, str]
+    base_dir: str
+    sys_path: list[str]
+    isolation: str
+    uid: int | None
+    gid: int | None
+    implicit_read: list[str]
+    tool_blob: bytes
+
+
+class CallBody(TypedDict):
+    """parent -> worker ``call``: the signed token and the validated arguments."""
+
+    token: bytes
+    mac: str
+    args: dict[str, Any]
 
 
 class FrameTooLarge(Exception):
