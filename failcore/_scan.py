@@ -217,8 +217,8 @@ class _Collector:
 
     def walk(self, value: Any, skip: frozenset[str]) -> None:
         stack: list[tuple[Any, int, int]] = []
+        pending: list[tuple[Any, int, int]] = []
         if skip and isinstance(value, Mapping):
-            pending: list[tuple[Any, int, int]] = []
             for key, child in value.items():
                 if key not in skip:
                     self._child(pending, 0, ("item", key), child, 1)
@@ -236,13 +236,15 @@ class _Collector:
             if nodes > _MAX_NODES or depth >= _MAX_DEPTH:
                 self.stopped_at = node
                 break
-            children: list[tuple[tuple[str, Any], Any]]
+            # Leaves are read in order, containers pushed so they pop in order too; a dict
+            # key is read just before its value (a keyword there names the value).
+            pending = []
+            children: list[tuple[tuple[str, Any], Any]] = []
             if isinstance(item, Mapping):
-                children = []
                 for key, child in item.items():
                     if type(key) is str and len(key) >= 6:
                         self._leaf(self._node(node, ("key", key)), key, "str")
-                    children.append((("item", key), child))
+                    self._child(pending, node, ("item", key), child, depth + 1)
             elif isinstance(item, list | tuple):
                 children = [(("index", i), child) for i, child in enumerate(item)]
             elif isinstance(item, set | frozenset):
@@ -250,8 +252,6 @@ class _Collector:
                             for i, child in enumerate(sorted(item, key=repr))]
             else:
                 children = [(("attr", name), child) for name, child in _attributes(item)]
-            # Leaves are read in order, containers pushed so they pop in order too.
-            pending = []
             for step, child in children:
                 self._child(pending, node, step, child, depth + 1)
             stack.extend(reversed(pending))
@@ -327,6 +327,61 @@ def _attributes(value: Any) -> list[tuple[str, Any]]:
     return []  # an opaque object: not scanned
 
 
+class _NotPlain(Exception):
+    pass
+
+
+def _plain_texts(value: Any, skip: frozenset[str], max_bytes: int) -> list[str] | None:
+    """The same leaves ``_Collector`` reads, for plain data (dicts with str keys, lists,
+    tuples, str, int, float, bool, None) and within the bounds; None for anything else.
+
+    A quick first look: when it finds nothing the precise walk (paths, labels, redaction)
+    is not needed. A dict key is read just before its value, as in the precise walk.
+    """
+    out: list[str] = []
+    budget = [max_bytes, _MAX_NODES]
+
+    def visit(v: Any, depth: int) -> None:
+        budget[1] -= 1
+        if depth >= _MAX_DEPTH or budget[1] < 0:
+            raise _NotPlain
+        t = type(v)
+        if t is str:
+            if len(v) >= 6:
+                budget[0] -= len(v) + 1
+                if budget[0] < 0:
+                    raise _NotPlain
+                out.append(v)
+        elif t is dict:
+            for key, item in v.items():
+                if type(key) is str:
+                    if len(key) >= 6:
+                        out.append(key)
+                        budget[0] -= len(key) + 1
+                elif type(key) is not int:
+                    raise _NotPlain
+                visit(item, depth + 1)
+        elif t is list or t is tuple:
+            for item in v:
+                visit(item, depth + 1)
+        elif t is int:
+            if 10 ** 12 <= abs(v) < 10 ** 19:
+                out.append(str(abs(v)))
+        elif not (v is None or t is float or t is bool):
+            raise _NotPlain
+
+    try:
+        if skip and type(value) is dict:
+            for key, item in value.items():
+                if key not in skip:
+                    visit(item, 1)
+        else:
+            visit(value, 0)
+    except (_NotPlain, RecursionError):
+        return None
+    return out
+
+
 # --- scanning -------------------------------------------------------------------------
 
 
@@ -334,6 +389,9 @@ def scan_value(config: Scan, value: Any, where: str, salt: bytes,
                skip: frozenset[str] = frozenset()) -> ScanOutcome:
     """Scan ``value`` (labelled ``where``: "args" or "result"); ``skip`` names top-level
     mapping keys left out (arguments declared secret, which are meant to hold secrets)."""
+    plain = _plain_texts(value, skip, config.max_bytes)
+    if plain is not None and not find(_SEP.join(plain), config.kinds, config.entropy):
+        return ScanOutcome([], value, {})  # the common case: plain data, nothing found
     walk = _Collector(config.max_bytes)
     walk.walk(value, skip)
     findings: list[Finding] = []

@@ -110,7 +110,8 @@ class EntropyRule:
 
 # Key formats: (literal prefixes, regex, characters that may not precede the match).
 # A kind's regex runs only when one of its prefixes occurs in the text. A group named
-# "v" marks the secret inside a longer match (the value after a keyword).
+# "v" marks the secret inside a longer match (the value after a keyword; the keyword may
+# be the dict key just before it, which the structured scan joins with NUL).
 _WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _PEM_END = r"-----END [A-Z0-9 ]{0,30}PRIVATE KEY(?: BLOCK)?-----"
 _KEYS: dict[str, tuple[tuple[str, ...], str, frozenset[str]]] = {
@@ -122,7 +123,7 @@ _KEYS: dict[str, tuple[tuple[str, ...], str, frozenset[str]]] = {
                        r"(?:AKIA|ASIA|ABIA|ACCA|AROA|AIDA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}"
                        r"(?![A-Z0-9])", frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")),
     "aws_secret_key": (("secret", "SECRET", "Secret"), (
-        r"(?i:aws[^\x00\n]{0,20}?secret[^\x00\n]{0,20}?|secret_?access_?key)[\"']?\s*[:=]\s*"
+        r"(?i:aws[^\x00\n]{0,20}?secret[^\x00\n]{0,20}?|secret_?access_?key)[\"']?\s*[:=\x00]\s*"
         r"[\"']?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"), frozenset()),
     "gcp_api_key": (("AIza",), r"AIza[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])", _WORD_CHARS),
     "gcp_service_account": (("private_key_id",),

@@ -112,6 +112,13 @@ def test_warn_returns_the_value_unchanged() -> None:
     assert out.masks == {AWS: "<redacted:aws_access_key>"}
 
 
+def test_a_keyword_in_the_dict_key_names_the_value() -> None:
+    value = {"creds": {"aws_secret_access_key": corpus.AWS_SECRET, "region": "eu-west-1"}}
+    out = scan_value(Scan(), value, "result", SALT)
+    assert [(f.kind, f.where) for f in out.findings] == [
+        ("aws_secret_key", "result.creds.aws_secret_access_key")]
+
+
 def test_digest_is_a_salted_hash() -> None:
     one = scan_value(Scan(), f"{AWS}", "result", SALT).findings[0].digest
     again = scan_value(Scan(), f"x {AWS} y", "result", SALT).findings[0].digest
