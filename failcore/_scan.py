@@ -390,7 +390,8 @@ def scan_value(config: Scan, value: Any, where: str, salt: bytes,
     """Scan ``value`` (labelled ``where``: "args" or "result"); ``skip`` names top-level
     mapping keys left out (arguments declared secret, which are meant to hold secrets)."""
     plain = _plain_texts(value, skip, config.max_bytes)
-    if plain is not None and not find(_SEP.join(plain), config.kinds, config.entropy):
+    if plain is not None and (not plain or not find(_SEP.join(plain), config.kinds,
+                                                    config.entropy)):
         return ScanOutcome([], value, {})  # the common case: plain data, nothing found
     walk = _Collector(config.max_bytes)
     walk.walk(value, skip)

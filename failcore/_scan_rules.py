@@ -164,6 +164,7 @@ _KEY_LEAD = 64  # and its prefix or keyword starts at most this far before that 
 # Runs of digits and separators: the only places a card or phone number can be.
 _DIGIT_RUN = re.compile(r"\d[\d ().-]{7,}\d")
 _DIGIT_GROUP = re.compile(r"\d+")
+_NANP = re.compile(r"\d{3}[-. ]\d{3}[-. ]\d{4}")  # a hint only: _PHONE decides
 _CARD_BEFORE = frozenset(_WORD_CHARS | set(".+-"))
 _PHONE = re.compile(
     r"(?<![\w+.-])(?:"
@@ -286,16 +287,21 @@ def _digits(text: str, kinds: frozenset[str], out: list[Match]) -> None:
     cards, phones = "card_number" in kinds, "phone" in kinds
     for run in _DIGIT_RUN.finditer(text):
         start, end = run.span()
-        if start and text[start - 1] in "+(":
-            start -= 1
-        elif end - start - sum(map(run.group().count, " ().-")) < 10:
-            continue  # fewer than 10 digits and no "+": a date, a time, a version
-        stop = min(end + 1, len(text))  # lookaheads see the character after the run
-        if cards:
-            _cards(text, run.start(), end, out)
-        if phones:
+        chunk = run.group()
+        digits = len(chunk) - chunk.count(" ") - chunk.count("-") - chunk.count(".") \
+            - chunk.count("(") - chunk.count(")")
+        plus = start > 0 and text[start - 1] in "+("
+        if cards and digits >= 13:
+            _cards(text, start, end, out)
+        if phones and (digits >= 10 or (plus and digits >= 8)) and (
+                plus or "(" in chunk or chunk[0] == "0" or " 0" in chunk
+                or _NANP.search(chunk) is not None):
+            if plus:
+                start -= 1
+            stop = min(end + 1, len(text))  # lookaheads see the character after the run
             for m in _PHONE.finditer(text, start, stop):
-                if _phone_ok(m.group()) and not (m.group()[0] == "0" and _after_digits(text, m.start())):
+                if _phone_ok(m.group()) and not (m.group()[0] == "0"
+                                                 and _after_digits(text, m.start())):
                     out.append(Match("phone", m.start(), m.end()))
 
 
@@ -412,16 +418,18 @@ def _joined(text: str) -> tuple[str, list[int], list[int]]:
 
 
 def _split(text: str, kinds: frozenset[str]) -> list[Match]:
-    wanted = kinds & _SPLIT_KINDS
+    # Only kinds whose prefix occurs somewhere (a key broken inside its prefix is missed),
+    # and cards only where digits meet across a break: most multi-line text has neither.
+    wanted = {k for k in kinds & _SPLIT_KINDS if k in _KEYS and any(p in text for p in _KEYS[k][0])}
+    if "card_number" in kinds and _SPLIT_DIGITS.search(text):
+        wanted.add("card_number")
     if not wanted:
         return []
     joined, cuts, shifts = _joined(text)
     if not cuts:
         return []
-    if "card_number" in wanted and not _SPLIT_DIGITS.search(text):
-        wanted -= {"card_number"}
     out: list[Match] = []
-    for m in _direct(joined, wanted, _tokens(joined)):
+    for m in _direct(joined, frozenset(wanted), _tokens(joined)):
         i = bisect.bisect_right(cuts, m.start)
         j = bisect.bisect_left(cuts, m.end)
         if i == j:  # no break inside: the direct scan reports it
@@ -449,42 +457,69 @@ def _decode_b64(run: str) -> str | None:
 
 
 def _tokens(text: str) -> list[tuple[int, int]]:
-    """Spans of base64-alphabet tokens, with runs wrapped over lines merged into one."""
-    if "\n" not in text:
-        return [m.span() for m in _TOKEN.finditer(text)]
-    spans: list[tuple[int, int]] = []
-    for m in _TOKEN.finditer(text):
-        start, end = m.span()
-        if spans and "\n" in text[spans[-1][1]:start] and not text[spans[-1][1]:start].strip():
-            prev_start, prev_end = spans[-1]
-            if text[prev_end - 1] != "=":
-                spans[-1] = (prev_start, end)
-                continue
-        spans.append((start, end))
-    return spans
+    """Spans of base64-alphabet tokens (at least 8 characters)."""
+    return [m.span() for m in _TOKEN.finditer(text)]
+
+
+def _wrapped(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs of base64 wrapped over lines: a long token, then tokens that each start the
+    next line (only whitespace and one line break between them)."""
+    runs: list[tuple[int, int]] = []
+    i, n = 0, len(spans)
+    while i < n:
+        j = i
+        if spans[i][1] - spans[i][0] >= _B64_MIN:
+            while j + 1 < n:
+                gap = text[spans[j][1]:spans[j + 1][0]]
+                if gap.count("\n") != 1 or gap.strip() or text[spans[j][1] - 1] == "=":
+                    break
+                j += 1
+        if j > i:
+            runs.append((spans[i][0], spans[j][1]))
+        i = j + 1
+    return runs
 
 
 def find(text: str, kinds: frozenset[str], entropy: EntropyRule, depth: int = 0) -> list[Match]:
     """Every finding of the given ``kinds`` in ``text``, in order, without overlaps."""
     spans = _tokens(text)
     found = _direct(text, kinds, spans)
+    runs: list[tuple[int, int]] = []
     if "\n" in text:
         found += _split(text, kinds)
-    taken = _Spans(found)
-    for start, end in spans:
-        if end - start < min(_B64_MIN, entropy.min_length) or taken.overlaps(start, end):
-            continue
-        token = text[start:end]
-        if depth < _MAX_DEPTH and end - start >= _B64_MIN and not token.islower():
+        runs = _wrapped(text, spans)
+    decoded_runs: list[tuple[int, int]] = []
+    long_spans = [sp for sp in spans if sp[1] - sp[0] >= _B64_MIN]
+    if depth < _MAX_DEPTH and (runs or long_spans):
+        # Base64: wrapped runs, and single tokens long enough to hold something.
+        taken = _Spans(found)
+        in_run = _Spans([Match("", s, e) for s, e in runs])
+        for start, end in runs + long_spans:
+            if taken.overlaps(start, end) or ((start, end) not in runs
+                                               and in_run.overlaps(start, end)):
+                continue
+            token = text[start:end]
+            if token.islower() or token.isupper():
+                continue  # words and constants; base64 of text mixes cases
             decoded = _decode_b64(token)
-            if decoded is not None:
-                inner = find(decoded, kinds, entropy, depth + 1)
-                if inner:
-                    found.append(Match(inner[0].kind, start, end, "base64"))
-                continue  # text in base64 is not a random token
-        if ENTROPY_KIND in kinds and "\n" not in token and not text.endswith("base64,", 0, start) \
-                and _high_entropy(token.rstrip("="), entropy):  # a data: URI holds data
-            found.append(Match(ENTROPY_KIND, start, start + len(token.rstrip("="))))
+            if decoded is None:
+                continue
+            decoded_runs.append((start, end))
+            inner = find(decoded, kinds, entropy, depth + 1)
+            if inner:
+                found.append(Match(inner[0].kind, start, end, "base64"))
+    candidates = [sp for sp in (long_spans if entropy.min_length >= _B64_MIN else spans)
+                  if sp[1] - sp[0] >= entropy.min_length]
+    if ENTROPY_KIND in kinds and candidates:
+        taken = _Spans(found + [Match("", s, e) for s, e in decoded_runs])
+        for start, end in candidates:
+            if taken.overlaps(start, end) or text[max(0, start - 7):start] == "base64,":
+                continue  # already found, or a data: URI (data, not a credential)
+            token = text[start:end].rstrip("=")
+            if _high_entropy(token, entropy):
+                found.append(Match(ENTROPY_KIND, start, start + len(token)))
+    if len(found) < 2:
+        return found
     found.sort(key=lambda f: (f.start, -f.end))
     kept: list[Match] = []
     for f in found:
