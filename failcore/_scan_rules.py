@@ -158,6 +158,10 @@ _BY_FIRST: dict[str, list[str]] = {}
 for _p in sorted(_PREFIX_KIND, key=len, reverse=True):
     _BY_FIRST.setdefault(_p[0], []).append(re.escape(_p[1:]))
 _TRIGGER = re.compile("|".join(f"{re.escape(c)}(?:{'|'.join(rest)})" for c, rest in _BY_FIRST.items()))
+# The same, one regex per first character: each starts with a literal, which ``re`` finds
+# at C speed, so eleven passes over a long text beat one pass of the alternation.
+_TRIGGER_PARTS = tuple(re.compile(f"{re.escape(c)}(?:{'|'.join(rest)})")
+                       for c, rest in _BY_FIRST.items())
 _KEY_MIN = 16  # every key format holds a base64-alphabet run at least this long
 _KEY_LEAD = 64  # and its prefix or keyword starts at most this far before that run
 
@@ -420,7 +424,8 @@ def _joined(text: str) -> tuple[str, list[int], list[int]]:
 def _split(text: str, kinds: frozenset[str]) -> list[Match]:
     # Only kinds whose prefix occurs somewhere (a key broken inside its prefix is missed),
     # and cards only where digits meet across a break: most multi-line text has neither.
-    wanted = {k for k in kinds & _SPLIT_KINDS if k in _KEYS and any(p in text for p in _KEYS[k][0])}
+    present = {_PREFIX_KIND[p] for part in _TRIGGER_PARTS for p in part.findall(text)}
+    wanted = present & kinds & _SPLIT_KINDS
     if "card_number" in kinds and _SPLIT_DIGITS.search(text):
         wanted.add("card_number")
     if not wanted:
