@@ -33,7 +33,7 @@ from failcore._capabilities import Capability, parse_capabilities
 from failcore._errors import RegistrationError
 from failcore._metadata import DefaultPolicy, RiskLevel, SideEffect, ToolMetadata
 from failcore._scan import Scan, new_salt, scan_value
-from failcore._scan_rules import DESCRIPTIONS
+from failcore._scan_kinds import DESCRIPTIONS
 
 if TYPE_CHECKING:
     from failcore._policy import Policy

@@ -28,7 +28,7 @@ from failcore._metadata import RiskLevel, ToolMetadata
 from failcore._policy import Policy
 from failcore._recording import current_context, scrub
 from failcore._scan import Scan, ScanOutcome, new_salt, scan_value
-from failcore._scan_rules import DESCRIPTIONS
+from failcore._scan_kinds import DESCRIPTIONS
 
 _APPROVAL_RISKS = (RiskLevel.HIGH, RiskLevel.CRITICAL)
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from failcore._budgets import Budget
 from failcore._scan import ACTIONS, UNSCANNED, Scan
-from failcore._scan_rules import GROUPS, KINDS, EntropyRule
+from failcore._scan_kinds import GROUPS, KINDS
+from failcore._scan_rules import EntropyRule
 
 TABLES = ("budget", "scan", "tools")
 _BUDGET_KEYS = ("calls", "calls_per_minute", "cpu_s", "wall_s", "sums")

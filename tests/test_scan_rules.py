@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from failcore._scan_rules import KINDS, EntropyRule, card_ok, find, luhn_ok
+from failcore._scan_kinds import KINDS, card_ok, luhn_ok
+from failcore._scan_rules import EntropyRule, find
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("failcore_scan_corpus",
