@@ -32,7 +32,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Decision = Literal["approved", "denied", "timeout", "error"]
@@ -73,7 +73,6 @@ class ApprovalOutcome:
     by: str | None = None
     reason: str | None = None
     waited_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def approved(self) -> bool:
@@ -111,8 +110,10 @@ class Approver:
             raise ValueError(f"approval_timeout_s must be a positive number, got {timeout_s!r}")
         self.callback = callback
         self.timeout_s = float(timeout_s)
+        # A coroutine function, or an object whose __call__ is one (type(...).__call__,
+        # not getattr: the bound method of an instance).
         self._is_async = inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
-            getattr(callback, "__call__", None))  # noqa: B004 - an async __call__ counts too
+            type(callback).__call__)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

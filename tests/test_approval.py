@@ -245,3 +245,22 @@ def test_bad_approver_arguments() -> None:
 def test_exported() -> None:
     assert failcore.ApprovalRequest is ApprovalRequest
     assert failcore.ApprovalDecision is ApprovalDecision
+
+
+def test_async_callable_objects_and_returned_coroutines_are_awaited() -> None:
+    class Desk:
+        async def __call__(self, req: ApprovalRequest) -> ApprovalDecision:
+            await asyncio.sleep(0)
+            return ApprovalDecision(True, by="desk")
+
+    async def decide(req: ApprovalRequest) -> bool:
+        return req.args["target"] == "ok"
+
+    with Session(approve=Desk()) as s:
+        s.register("deploy", deploy, HIGH)
+        assert s.call("deploy", target="x") == "deployed x"
+    with Session(approve=lambda req: decide(req)) as s:  # a plain callable returning a coroutine
+        s.register("deploy", deploy, HIGH)
+        assert s.call("deploy", target="ok") == "deployed ok"
+        with pytest.raises(SecurityError, match="approval denied"):
+            s.call("deploy", target="no")
