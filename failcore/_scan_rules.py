@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import functools
 import math
 import re
 from collections import Counter
@@ -204,8 +205,18 @@ def _wrapped(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return runs
 
 
+@functools.lru_cache(maxsize=8)
+def _prefilter(token: int) -> re.Pattern[str]:
+    # Something every finding holds: a run of base64 characters (keys, base64, entropy),
+    # ten digits (cards, phones; eight after "+"), "@", a JWT's start, a PEM label.
+    return re.compile(rf"[A-Za-z0-9+/_-]{{{token}}}|\d(?:[ ().-]{{0,2}}\d){{9}}"
+                      rf"|\+\d(?:[ ().-]{{0,2}}\d){{6}}|@|eyJ|PRIVATE KEY")
+
+
 def find(text: str, kinds: frozenset[str], entropy: EntropyRule, depth: int = 0) -> list[Match]:
     """Every finding of the given ``kinds`` in ``text``, in order, without overlaps."""
+    if "\n" not in text and _prefilter(min(_B64_MIN, entropy.min_length)).search(text) is None:
+        return []  # the common case, decided by one regex pass
     spans = _tokens(text)
     found = direct(text, kinds, spans)
     runs: list[tuple[int, int]] = []
