@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _mcp_bench
+from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _mcp_bench, _scan_bench
 from benchmarks._report import bounds_section, checks, checks_table, profile_notes, table
 from benchmarks._timing import Row, Unavailable
 
@@ -46,6 +46,7 @@ class Sizes:
     anchor: int
     broker: int = 300
     mcp: int = 0  # 0: not measured (the MCP server needs the mcp extra)
+    scan: int = 2000  # scans of the small result (the per-KB rows take n // 50)
 
     @property
     def warmup(self) -> int:
@@ -57,7 +58,7 @@ FULL = Sizes(direct_batches=300, direct_per_batch=10_000, pipe=20_000, pools=500
              warm_tput=20_000, fresh_tput=1000, anchor=5000, broker=3000, mcp=2000)
 QUICK = Sizes(direct_batches=30, direct_per_batch=2000, pipe=800, pools=400, python_start=10,
               warm=800, warm_sparse=30, fresh=150, fresh_sparse=60, warm_tput=1600,
-              fresh_tput=120, anchor=400, broker=300, mcp=200)
+              fresh_tput=120, anchor=400, broker=300, mcp=200, scan=200)
 
 
 def _machine() -> dict[str, str]:
@@ -133,6 +134,9 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
     c.run("idle_memory", "idle worker memory", _failcore_bench.measure_idle_memory)
     c.run("connect_brokered", "brokered vs direct loopback connect",
           lambda: _broker_bench.measure_connect(sizes.broker, max(10, sizes.broker // 10)))
+    c.run("scan", "secret/PII scan", lambda: _scan_bench.measure_scan(sizes.scan))
+    c.run("warm_small_scan", "warm call with a small dict, scan on/off",
+          lambda: _scan_bench.measure_call_with_scan(sizes.warm, w))
     if anchor is not None:
         c.run("anchor_traced", f"anchor failcore=={_anchor.ANCHOR_VERSION}",
               lambda: _measure_anchor(anchor, sizes.anchor, max(10, sizes.anchor // 10)))
@@ -151,7 +155,7 @@ def _measure_anchor(anchor: str, n: int, warmup: int) -> Row | Unavailable:
 
 def _order(rows: list[Row | Unavailable]) -> list[Row | Unavailable]:
     """Latency rows first (fastest first), then throughput, memory and trace size."""
-    rank = {"µs": 0, "calls/s": 1, "MB": 2, "B": 3}
+    rank = {"µs": 0, "µs/KB": 1, "calls/s": 2, "MB": 3, "B": 4}
 
     def key(r: Row | Unavailable) -> tuple[int, float]:
         if isinstance(r, Unavailable):

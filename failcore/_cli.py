@@ -6,7 +6,7 @@ Exit codes (every subcommand):
   0  success: the trace verifies / nothing would be blocked / the policy file is fine
   1  the check failed: ``verify`` found a broken chain, seq, encoding or schema;
      ``replay --policy`` found something the policy would block; ``policy check``
-     found problems in the file
+     found problems in the file; ``policy explain``'s verdict is block
   2  usage error, or an input file that is missing, unreadable, empty or not a
      trace / policy file at all
 
@@ -27,10 +27,17 @@ from failcore._errors import FailCoreError, TraceError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+EXPLAIN_EPILOG = """example:
+  failcore policy explain policies/strict.toml --tool http_get \\
+      --cap net:connect:api.github.com:443 --arg url=http://169.254.169.254/ --json
+
+"""
+
 EPILOG = """exit codes:
   0  success (trace verifies, nothing would be blocked, policy file fine)
   1  the check failed (verify: chain/seq/encoding/schema broken; replay: the policy
-     would block something; policy check: problems found)
+     would block something; policy check: problems found; policy explain: the call
+     would be blocked)
   2  usage error, or a missing, unreadable, empty or malformed input file
 """
 
@@ -114,10 +121,19 @@ def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"    error {_one_line(c.error.get('type'))}: {_one_line(c.error.get('message'))}\n")
         for a in c.attempts:
             out.write(f"    {_one_line(a.action):<5} [{a.layer}] {_one_line(a.what)}  rule: {_one_line(a.rule)}\n")
+        if c.approval is not None and c.approval.get("decision") == "approved":
+            by = f" by {_one_line(c.approval['by'])}" if c.approval.get("by") else ""
+            asked = _one_line(", ".join(str(r) for r in c.approval.get("required_by") or []))
+            out.write(f"    approved [approval]{by} ({asked})\n")
     status = _one_line(", ".join(f"{n} {s}" for s, n in counts["status"].items()) or "none", 400)
     out.write(f"{counts['calls']} calls ({status}); {counts['blocked']} blocked attempts "
               f"({counts['blocked_precheck']} before dispatch, {counts['blocked_worker']} in the "
               f"worker); {counts['warnings']} warnings\n")
+    guard = summary.guardrails()
+    if any(guard.values()):
+        out.write(f"guardrails: {guard['scan_findings']} scan findings ({guard['scan_blocked']} "
+                  f"blocked, {guard['scan_redacted']} redacted); {guard['approvals']} approvals "
+                  f"({guard['approvals_refused']} refused); {guard['budget_stops']} budget stops\n")
     for w in report.warnings:
         out.write(f"warning: {_one_line(w, 1000)}\n")
     return EXIT_OK
@@ -268,6 +284,35 @@ def _cmd_policy_check(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _parse_arg(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise _UsageError(f"--arg {text!r}: expected KEY=VALUE, e.g. --arg url=https://example.com")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _cmd_policy_explain(args: argparse.Namespace, out: TextIO) -> int:
+    policy = _load_policy(args.file)
+    call_args = dict(_parse_arg(a) for a in args.arg or [])
+    approver = {"yes": True, "no": False, None: None}[args.approver]
+    try:
+        explanation = policy.explain(
+            args.tool, call_args, args.cap or [], risk_level=args.risk,
+            default_policy=args.default_policy, secret=args.secret or [], approver=approver)
+    except (FailCoreError, ValueError) as exc:
+        raise _UsageError(str(exc)) from None
+    if args.json:
+        _dump(explanation.to_json(), out)
+    else:
+        for line in explanation.render().splitlines():
+            indent = line[: len(line) - len(line.lstrip(" "))]
+            out.write(indent + _one_line(line, 2000) + "\n")
+    return EXIT_FAILED if explanation.verdict == "block" else EXIT_OK
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -341,6 +386,35 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot compose. Exit code 1 when problems are found.", 88))
     pc.add_argument("file", metavar="FILE", help="the policy file (TOML)")
     pc.set_defaults(func=_cmd_policy_check)
+    pe = psub.add_parser(
+        "explain", help="say what a policy would do to one call, without running it",
+        formatter_class=fmt, epilog=EXPLAIN_EPILOG + EPILOG,
+        description=textwrap.fill(
+            "For a prospective call of tool NAME with the given arguments, list every rule "
+            "of the policy in FILE that would apply, layer by layer (registration, "
+            "capabilities, argument pre-check, the worker's rules, secret/PII scan, budgets, "
+            "approval), and the verdict. Nothing runs: no worker, no name lookup, no tool "
+            "code. The tool's capabilities, risk level and default policy are given with "
+            "--cap, --risk and --default-policy, since there is no session to read them "
+            "from. Exit code 1 when the verdict is block.", 88))
+    pe.add_argument("file", metavar="FILE", help="the policy file (TOML)")
+    pe.add_argument("--tool", required=True, metavar="NAME", help="the tool's name")
+    pe.add_argument("--arg", action="append", metavar="KEY=VALUE",
+                    help="an argument of the call; VALUE is read as JSON when it parses "
+                         "(5, true, [1,2], {\"a\": 1}), else as a string (repeatable)")
+    pe.add_argument("--cap", action="append", metavar="CAP",
+                    help="a capability the tool declares, e.g. net:connect:api.github.com:443 "
+                         "(repeatable)")
+    pe.add_argument("--risk", default="LOW", choices=("LOW", "MEDIUM", "HIGH", "CRITICAL"),
+                    type=str.upper, help="the tool's risk level (default LOW)")
+    pe.add_argument("--default-policy", default="BLOCK", choices=("BLOCK", "WARN", "ALLOW"),
+                    type=str.upper, help="the tool's default policy (default BLOCK)")
+    pe.add_argument("--secret", action="append", metavar="ARG",
+                    help="an argument declared secret: not scanned, never shown (repeatable)")
+    pe.add_argument("--approver", choices=("yes", "no"),
+                    help="whether the session has an approve callback (default: not known)")
+    pe.add_argument("--json", action="store_true", help="machine-readable explanation")
+    pe.set_defaults(func=_cmd_policy_explain)
     p.set_defaults(func=None, subparser=p)
 
     p = add("mcp", "serve a session's tools over MCP",

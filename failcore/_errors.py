@@ -3,12 +3,13 @@
 Every message says what was refused, which rule refused it, and what to change::
 
     FailCoreError
-    ├── SecurityError            a policy refused (.rule, .target, .layer)
+    ├── SecurityError            a policy, the scanner or the approver refused (.rule, .target, .layer)
     ├── ValidationError
     │   ├── InputValidationError     arguments refused before any worker was touched
     │   └── OutputValidationError    the result does not match its model or limits
     ├── ToolTimeout              past timeout_s; the worker's tree was killed
     ├── CallCancelled            the awaiting acall was cancelled; the tree was killed
+    ├── BudgetExceeded           a budget is spent; refused before dispatch (.budget, .limit, .used)
     ├── ResourceLimitExceeded    memory, CPU, file size, output size, process count
     ├── WorkerCrashed            the worker died without answering
     ├── ToolFailed               the tool raised (.remote_type, .remote_message, .remote_traceback)
@@ -64,6 +65,20 @@ class ToolTimeout(FailCoreError):
 class CallCancelled(FailCoreError):
     """The caller cancelled the call (an ``acall`` task was cancelled); the worker's tree
     was killed so the tool does not run on unobserved."""
+
+
+class BudgetExceeded(FailCoreError):
+    """A budget (calls, calls per minute, CPU or wall seconds, a result field's sum) is
+    spent; the call was refused before dispatch. ``budget`` names it ("session.calls",
+    "tool:search.sum:usage.tokens"), ``limit`` and ``used`` are its numbers."""
+
+    def __init__(self, message: str, *, budget: str = "", limit: float | None = None,
+                 used: float | None = None, state: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.limit = limit
+        self.used = used
+        self.state = state or []
 
 
 class ResourceLimitExceeded(FailCoreError):

@@ -49,19 +49,21 @@ _C0_AND_SPACE = "".join(map(chr, range(0x21)))
 
 
 def scan_arguments(
-    grants: Grants, args: Mapping[str, Any], cwd: str | None = None
+    grants: Grants, args: Mapping[str, Any], cwd: str | None = None, keep_allowed: bool = False
 ) -> list[tuple[str, Verdict]]:
-    """``(argument path, verdict)`` for every URL or path in ``args`` not judged "allow"."""
-    scan = _Scan(grants, cwd)
+    """``(argument path, verdict)`` for every URL or path in ``args`` not judged "allow"
+    (``keep_allowed``: for every URL or path, allowed ones too: ``policy explain``)."""
+    scan = _Scan(grants, cwd, keep_allowed)
     for name, value in args.items():
         scan.walk(value, str(name), 1)
     return scan.findings
 
 
 class _Scan:
-    def __init__(self, grants: Grants, cwd: str | None) -> None:
+    def __init__(self, grants: Grants, cwd: str | None, keep_allowed: bool = False) -> None:
         self.grants = grants
         self.cwd = cwd
+        self.keep_allowed = keep_allowed
         self.findings: list[tuple[str, Verdict]] = []
         self.nodes = 0
         self.stopped = False
@@ -100,7 +102,7 @@ class _Scan:
 
     def judge(self, text: str, where: str) -> None:
         verdict = judge_string(self.grants, text, self.cwd)
-        if verdict is not None and verdict.action != "allow":
+        if verdict is not None and (verdict.action != "allow" or self.keep_allowed):
             self.findings.append((where, verdict))
 
 

@@ -34,8 +34,9 @@ Action = Literal["allow", "warn", "block"]
 Isolation = Literal["tool", "call"]
 CallStatus = Literal[
     "ok", "blocked", "invalid_input", "invalid_output", "timeout", "crashed", "resource",
-    "failed", "replayed", "cancelled",
+    "failed", "replayed", "cancelled", "budget",
 ]
+ScanAction = Literal["off", "warn", "redact", "block"]
 
 
 class _Strict(BaseModel):
@@ -95,6 +96,7 @@ class CallError(_Strict):
     target: str | None = None
     layer: str | None = None
     remote_type: str | None = None
+    budget: str | None = None  # BudgetExceeded: which budget ("session.calls")
 
 
 # --- bodies, one per kind ------------------------------------------------------------
@@ -199,6 +201,58 @@ class WorkerKillBody(_Strict):
     pid: int | None
 
 
+class ScanFinding(_Strict):
+    """One scanner finding: its kind, where (an argument or result path), the action taken
+    and an HMAC of the matched text under the session's salt; never the text itself."""
+
+    kind: str
+    where: str
+    action: ScanAction
+    digest: str | None = Field(pattern=r"^[0-9a-f]{16}$")
+    encoding: Literal["split", "base64"] | None = None
+
+
+class ScanBody(_Strict):
+    direction: Literal["arguments", "result"]
+    findings: list[ScanFinding]
+
+
+class BudgetCounter(_Strict):
+    """One counter of one scope ("session" or "tool:NAME"): its use and its limit."""
+
+    scope: str
+    budget: str  # calls | calls_per_minute | cpu_s | wall_s | sum:FIELD.PATH
+    used: int | float = Field(ge=0)
+    limit: int | float = Field(gt=0)
+
+
+class BudgetCheckBody(_Strict):
+    """Budgets before a call: ``ok`` false when one was spent (``exceeded`` names it)."""
+
+    ok: bool
+    counters: list[BudgetCounter]
+    exceeded: str | None
+
+
+class BudgetChargeBody(_Strict):
+    """What a dispatched call used, and the counters after charging it."""
+
+    cpu_s: float = Field(ge=0)
+    wall_s: float = Field(ge=0)
+    sums: dict[str, float]
+    counters: list[BudgetCounter]
+
+
+class ApprovalBody(_Strict):
+    """The approver's decision on a call, who made it, why it was asked, how long it took."""
+
+    decision: Literal["approved", "denied", "timeout", "error"]
+    by: str | None
+    reason: str | None
+    required_by: list[str]
+    waited_ms: float = Field(ge=0)
+
+
 class SessionEndBody(_Strict):
     calls: int = Field(ge=0)
 
@@ -283,6 +337,26 @@ class WorkerKill(_Record):
     body: WorkerKillBody
 
 
+class Scan(_Record):
+    kind: Literal["scan"]
+    body: ScanBody
+
+
+class BudgetCheck(_Record):
+    kind: Literal["budget.check"]
+    body: BudgetCheckBody
+
+
+class BudgetCharge(_Record):
+    kind: Literal["budget.charge"]
+    body: BudgetChargeBody
+
+
+class Approval(_Record):
+    kind: Literal["approval"]
+    body: ApprovalBody
+
+
 class SessionEnd(_Record):
     kind: Literal["session.end"]
     body: SessionEndBody
@@ -291,7 +365,7 @@ class SessionEnd(_Record):
 _MODELS: tuple[type[_Record], ...] = (
     SessionStart, ToolRegister, CallStart, ValidateInput, PolicyPrecheck, PolicyGrants,
     TokenMint, IpcSend, IpcRecv, Guard, ValidateOutput, CallEnd, WorkerSpawn, WorkerKill,
-    SessionEnd,
+    Scan, BudgetCheck, BudgetCharge, Approval, SessionEnd,
 )
 
 KINDS: frozenset[str] = frozenset(
@@ -301,7 +375,8 @@ KINDS: frozenset[str] = frozenset(
 TraceRecord = Annotated[
     SessionStart | ToolRegister | CallStart | ValidateInput | PolicyPrecheck | PolicyGrants
     | TokenMint | IpcSend | IpcRecv | Guard | ValidateOutput | CallEnd | WorkerSpawn
-    | WorkerKill | SessionEnd,
+    | WorkerKill | Scan | BudgetCheck | BudgetCharge | Approval
+    | SessionEnd,
     Field(discriminator="kind"),
 ]
 

@@ -9,13 +9,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` lives at the repo root
 
-from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _runner  # noqa: E402
+from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _runner, _scan_bench  # noqa: E402
 from benchmarks._report import bounds_section, checks, profile_notes  # noqa: E402
 from benchmarks._timing import Row, Unavailable, percentile  # noqa: E402
 
 TINY = _runner.Sizes(direct_batches=2, direct_per_batch=10, pipe=5, pools=3, python_start=1,
                      warm=5, warm_sparse=2, fresh=3, fresh_sparse=2, warm_tput=16, fresh_tput=8,
-                     anchor=3)
+                     anchor=3, scan=20)
 
 
 def _ok(row: Row, unit: str) -> None:
@@ -58,6 +58,16 @@ def test_idle_memory() -> None:
     assert [r.key for r in rows] == ["idle_rss", "idle_uss", "zygote_rss"]
     for r in rows:
         _ok(r, "MB")
+
+
+def test_scan_rows() -> None:
+    small, json_kb, log_kb = _scan_bench.measure_scan(20)
+    _ok(small, "µs")
+    _ok(json_kb, "µs/KB")
+    _ok(log_kb, "µs/KB")
+    on, off = _scan_bench.measure_call_with_scan(3, 1)
+    assert (on.key, off.key) == ("warm_small_scan_on", "warm_small_scan_off")
+    _ok(on, "µs")
 
 
 def test_anchor_failure_is_reported_not_raised(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ Messages, parent -> worker:
   ("call", {"token": bytes, "mac": str, "args": dict})
   ("exit", {})
 Worker -> parent:
-  ("result", {"value": obj, "events": [GuardEvent], "retire": bool})
-  ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...]})
+  ("result", {"value": obj, "events": [GuardEvent], "retire": bool, "cpu_s": float})
+  ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...],
+              "cpu_s": float})
 
 The socket broker (issue 16): a confined worker has no network, so while a call runs its
 socket factory asks the parent. Worker -> parent, as JSON data frames (``encode_data``):
