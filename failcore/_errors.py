@@ -100,5 +100,10 @@ class PolicyError(FailCoreError, ValueError):
     """A policy file or preset is malformed."""
 
 
+class MissingExtra(FailCoreError, ImportError):
+    """An integration's optional dependency is not installed; the message names the extra
+    (``pip install 'failcore[mcp]'``)."""
+
+
 class TraceError(FailCoreError):
     """A trace file is malformed, tampered with or unreadable."""

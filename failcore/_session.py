@@ -54,6 +54,15 @@ _ERROR_DETAIL = (("rule", "rule"), ("target", "target"), ("layer", "layer"),
                  ("remote_type", "remote_type"), ("traceback", "remote_traceback"))
 
 
+def _start_body(tool: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A ``call.start`` body, with the caller's ``call_context`` labels when there are any."""
+    start: dict[str, Any] = {"tool": tool, "args": args}
+    context = current_context()
+    if context:
+        start["context"] = context
+    return start
+
+
 class _CallHandle:
     """Links an ``acall`` to the lease serving it, so cancelling can kill that worker."""
 
@@ -260,7 +269,7 @@ class Session:
             self._calls += 1
         if tool is None and self._replay is None:
             known = ", ".join(sorted(self._tools)) or "none"
-            self._trace.record("call.start", call_id, {"tool": str(name)[:200], "args": {}})
+            self._trace.record("call.start", call_id, _start_body(str(name)[:200], {}))
             err = InputValidationError(f"unknown tool {str(name)[:200]!r}; registered tools: {known}")
             self._end(call_id, str(name)[:200], "invalid_input", None, err, time.monotonic())
             raise err
@@ -317,11 +326,8 @@ class Session:
         models = tool.models
         hidden = secret_values(tool, kwargs)
         trace = ScrubbingTrace(self._trace, hidden) if hidden else self._trace
-        start: dict[str, Any] = {"tool": tool.name, "args": models.redact(kwargs)}
-        context = current_context()
-        if context:
-            start["context"] = context
-        trace.record("call.start", call_id, start, plain=True)
+        trace.record("call.start", call_id, _start_body(tool.name, models.redact(kwargs)),
+                     plain=True)
         try:
             args = models.validate_input(kwargs)
         except InputValidationError as err:
