@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +65,18 @@ class ToolView:
                 for k, v in fields.items()}
 
 
+# A registered tool never changes, and rendering its schema costs ~100 µs: once per tool.
+_VIEWS: weakref.WeakKeyDictionary[Tool, ToolView] = weakref.WeakKeyDictionary()
+
+
 def _view(tool: Tool) -> ToolView:
+    cached = _VIEWS.get(tool)
+    if cached is None:
+        cached = _VIEWS[tool] = _build(tool)
+    return cached
+
+
+def _build(tool: Tool) -> ToolView:
     models = tool.models
     return ToolView(
         name=tool.name, description=models.description, input_model=models.input_model,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -34,9 +35,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from failcore._errors import FailCoreError
+from failcore._errors import FailCoreError, InputValidationError
 from failcore._recording import call_context
 from failcore._tool_views import error_text, require, view
+from failcore._validation import to_jsonable
 
 if TYPE_CHECKING:
     from mcp.server import Server
@@ -61,9 +63,17 @@ def build_server(session: Session, *, name: str = "failcore") -> Server[Any]:
 
     from failcore import __version__
 
+    listed: dict[tuple[str, ...], list[types.Tool]] = {}
+
     def listing() -> list[types.Tool]:
-        # The session's own MCP form: the models its validation runs, nothing re-derived.
-        return [types.Tool.model_validate(entry) for entry in session.schemas(format="mcp")]
+        # The session's own MCP form (the models its validation runs, nothing re-derived),
+        # rendered again only when a tool was registered since: it costs ~2 ms a tool.
+        names = session.tools
+        if names not in listed:
+            listed.clear()
+            listed[names] = [types.Tool.model_validate(entry)
+                             for entry in session.schemas(format="mcp")]
+        return listed[names]
 
     async def list_tools(ctx: ServerRequestContext[Any],
                          params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
@@ -78,13 +88,16 @@ def build_server(session: Session, *, name: str = "failcore") -> Server[Any]:
             try:
                 value = await session.acall(params.name, **args)
             except FailCoreError as exc:
-                if tool is None:  # recorded by the session; for MCP a protocol error
+                if tool is None and isinstance(exc, InputValidationError):
+                    # An unknown tool: recorded by the session; for MCP a protocol error.
                     raise MCPError(code=types.INVALID_PARAMS,
                                    message=error_text(session, params.name, args, exc)) from None
                 return types.CallToolResult(
                     content=[types.TextContent(text=error_text(session, params.name, args, exc))],
                     is_error=True)
-        assert tool is not None
+        if tool is None:  # a replaying session answers calls of tools it never registered
+            return types.CallToolResult(content=[types.TextContent(
+                text=json.dumps(to_jsonable(value), ensure_ascii=False, sort_keys=True))])
         return types.CallToolResult(content=[types.TextContent(text=tool.text(value))],
                                     structured_content=tool.structured(value))
 

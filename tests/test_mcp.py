@@ -29,6 +29,7 @@ from mcp import Client  # noqa: E402
 from mcp.client.stdio import StdioServerParameters  # noqa: E402
 from mcp.shared.exceptions import MCPError  # noqa: E402
 
+from failcore import Session  # noqa: E402
 from failcore._cli import main as cli_main  # noqa: E402
 from failcore.mcp import build_server, check_host  # noqa: E402
 
@@ -127,6 +128,24 @@ def test_in_process_tools_and_errors(tmp_path: Path) -> None:
         asyncio.run(run())
     finally:
         session.close()
+
+
+def test_a_replaying_session_answers_from_its_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    with agent_tools.make_session(str(trace)) as recorded:
+        recorded.call("add", a=2, b=3)
+    replaying = Session(replay=trace)
+    try:
+        async def run() -> tuple[Any, Any]:
+            async with Client(build_server(replaying)) as client:
+                return (await client.call_tool("add", {"a": 2, "b": 3}),
+                        await client.call_tool("add", {"a": 9, "b": 9}))
+
+        same, other = asyncio.run(run())
+    finally:
+        replaying.close()
+    assert not same.is_error and _text(same) == "5"
+    assert other.is_error and _text(other).startswith("ReplayMismatch")
 
 
 @pytest.mark.netns
@@ -306,3 +325,16 @@ def test_cli_reports_a_bad_session_spec(capsys: pytest.CaptureFixture[str],
     assert "not a failcore Session" in capsys.readouterr().err
     assert cli_main(["mcp", "serve", "no_such_module_here:session"]) == 2
     assert "cannot import 'no_such_module_here'" in capsys.readouterr().err
+
+
+def test_the_benchmark_measures_the_round_trip_next_to_a_direct_call() -> None:
+    sys.path.insert(0, str(TESTS.parent))  # `benchmarks` lives at the repository root
+    from benchmarks import _mcp_bench
+    from benchmarks._timing import Row
+
+    rows = _mcp_bench.measure_mcp(3, 1)
+    assert [r.key for r in rows] == ["mcp_direct_call", "mcp_direct_acall", "mcp_stdio",
+                                     "mcp_stdio_start"]
+    assert all(isinstance(r, Row) and r.value > 0 for r in rows)
+    text = _mcp_bench.summary({r.key: r for r in rows if isinstance(r, Row)})
+    assert "x a direct `session.call`" in text and "x `await session.acall`" in text
