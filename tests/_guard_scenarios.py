@@ -253,14 +253,14 @@ def scenario_fs(tmp: Path, unprivileged: bool) -> dict[str, Any]:
     data, outside = _fs_tree(tmp)
     policy = tmp / "fs.toml"
     policy.write_text(f'[server]\ncapabilities = ["fs:read:{data}", "proc:exec:/bin/sh"]\n'
-                      f'cwd = "{data}"\n\n[tools.write_file]\nenabled = false\n\n'
+                      f'\n[tools.write_file]\nenabled = false\n\n'
                       f'[tools.read_text_file]\ntimeout_s = 20\n'
                       f'arguments = {{ properties = {{ head = {{ maximum = 100 }} }} }}\n')
     trace = tmp / "trace.jsonl"
     steps = [("good", "read_text_file", {"path": str(data / "a.txt")}),
              ("traversal", "read_text_file", {"path": f"{data}/../outside/secret.txt"}),
              ("absolute_outside", "read_text_file", {"path": str(outside / "secret.txt")}),
-             ("relative_traversal", "read_text_file", {"path": "../outside/secret.txt"}),
+             ("relative_traversal", "read_text_file", {"path": "../../outside/secret.txt"}),
              ("symlink_out", "read_text_file", {"path": str(data / "link.txt")}),
              ("policy_schema", "read_text_file", {"path": str(data / "a.txt"), "head": 1000}),
              ("disabled", "write_file", {"path": str(data / "b.txt"), "content": "x"}),

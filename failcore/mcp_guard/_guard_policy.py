@@ -11,7 +11,6 @@ document. The shape (TOML; every key optional unless said)::
     capabilities = ["fs:read:/srv/docs", "net:connect:api.example.com:443",
                     "env:API_TOKEN", "proc:exec:/bin/sh"]
     runtime_paths = []        # more read+exec paths the program itself needs
-    cwd = "/srv/docs"         # default: its private scratch directory
     confinement = "require"   # or "auto": run with what the kernel offers, say what not
     unlisted_tools = "allow"  # or "deny": only tools with a [tools.NAME] table are served
     timeout_s = 30            # per tools/call, unless the tool says otherwise
@@ -28,6 +27,8 @@ document. The shape (TOML; every key optional unless said)::
     arguments = { properties = { path = { pattern = "^/srv/docs/" } } }
                               # a JSON Schema the arguments must also satisfy
 
+The server runs in a private scratch directory (also its ``HOME`` and ``TMPDIR``), which
+is where relative paths in arguments resolve, for the server and for the pre-check alike.
 A tool without ``capabilities`` may name what the server holds; a tool's capabilities
 must be covered by the server's (else the file is refused: the kernel would deny what
 the policy grants). ``--cap`` on the command line adds server capabilities.
@@ -49,7 +50,7 @@ from failcore_worker.rules import Grants
 
 __all__ = ["GuardPolicy", "ServerRules", "ToolRules", "load_guard_policy"]
 
-_SERVER_KEYS = {"capabilities", "runtime_paths", "cwd", "confinement", "unlisted_tools",
+_SERVER_KEYS = {"capabilities", "runtime_paths", "confinement", "unlisted_tools",
                 "timeout_s", "memory_mb", "processes", "open_files", "file_size_mb"}
 _TOOL_KEYS = {"capabilities", "timeout_s", "enabled", "arguments"}
 _TOP_KEYS = {"policy", "server", "tools"}
@@ -71,7 +72,6 @@ class ToolRules:
 class ServerRules:
     capabilities: tuple[Capability, ...] = ()
     runtime_paths: tuple[str, ...] = ()
-    cwd: str | None = None
     confinement: Literal["require", "auto"] = "require"
     unlisted_tools: Literal["allow", "deny"] = "allow"
     timeout_s: float = 30.0
@@ -172,11 +172,6 @@ def _server(table: Any, label: str, problems: list[str]) -> ServerRules:
             problems.append(f"{where}.runtime_paths must be a list of absolute paths")
         else:
             fields["runtime_paths"] = tuple(paths)
-    if "cwd" in table:
-        if not isinstance(table["cwd"], str) or not table["cwd"].startswith("/"):
-            problems.append(f"{where}.cwd must be an absolute path, got {table['cwd']!r}")
-        else:
-            fields["cwd"] = table["cwd"]
     for key, allowed in (("confinement", ("require", "auto")), ("unlisted_tools", ("allow", "deny"))):
         if key in table:
             if table[key] not in allowed:

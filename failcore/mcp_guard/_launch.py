@@ -188,7 +188,7 @@ def prepare(command: list[str], policy: GuardPolicy) -> Launch:
         plan: ExecPlan = {
             "argv": [runtime.executable, *command[1:]],
             "env": env,
-            "cwd": server.cwd or scratch,
+            "cwd": scratch,
             "netns": True,
             "proxy": policy.has_network(),
             "landlock_paths": runtime.rules(),

@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -46,6 +47,9 @@ __all__ = ["guard", "serve_guarded"]
 
 MAX_TRACE_TEXT = 16 * 1024
 WATCH_INTERVAL_S = 0.25
+# After the agent leaves: how long the server gets to exit on its own (its stdin closed)
+# before its process group is killed. MCP hosts wait about 2 s for the guard itself.
+SERVER_GRACE_S = 1.0
 _MB = 1024 * 1024
 
 
@@ -110,9 +114,14 @@ def _watchdog(started: Started, policy: GuardPolicy, stop: Callable[[str], None]
         while not done[0]:
             try:
                 tree = [root, *root.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in tree)
             except psutil.Error:
-                return
+                return  # the server is gone
+            rss = 0
+            for proc in tree:
+                try:
+                    rss += proc.memory_info().rss
+                except psutil.Error:
+                    continue  # exited since the listing
             why = ""
             if len(tree) > limit_procs:
                 why = f"the server's tree has {len(tree)} processes (limit {limit_procs})"
@@ -158,91 +167,129 @@ async def serve_guarded(command: list[str], policy: GuardPolicy, *, trace: str |
     proxy: EgressProxy | None = None
     params = StdioServerParameters(command=launch.launcher_argv[0], args=launch.launcher_argv[1:],
                                    env={"LANG": "C.UTF-8"})
-    try:
-        async with stdio_client(params, errlog=errlog) as (server_read, server_write):
-            started = await anyio.to_thread.run_sync(launch.handshake)
-            async with anyio.create_task_group() as tg, \
-                    ClientSession(server_read, server_write) as client:
-                if started.listener is not None:
-                    proxy = EgressProxy(started.listener, policy.server_grants(), relay.proxy_event)
-                    tg.start_soon(proxy.serve)
+    finished = False
 
-                def kill(why: str) -> None:
-                    nonlocal stopped
-                    stopped = f"watchdog: {why}"
-                    try:
-                        os.killpg(started.pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-
-                watch = _watchdog(started, policy, kill)
-                tg.start_soon(lambda: anyio.to_thread.run_sync(watch, abandon_on_cancel=True))
-                init = await client.initialize()
-                listing = await _list(client, types)
-                recorder.record("mcp.server.start", None, {
-                    "command": list(command), "pid": started.pid,
-                    "confinement": started.report["layers"],
-                    "landlock_abi": started.report["landlock_abi"],
-                    "landlock": launch.runtime.summary(), "notes": launch.runtime.notes,
-                    "proxy": started.listener is not None,
-                    "limits": {"timeout_s": policy.server.timeout_s,
-                               "memory_mb": policy.server.memory_mb,
-                               "processes": policy.server.processes,
-                               "open_files": policy.server.open_files,
-                               "file_size_mb": policy.server.file_size_mb},
-                    "server": {"name": init.server_info.name,
-                               "version": init.server_info.version}})
-                _absorb(relay, listing)
-
-                async def list_tools(ctx: ServerRequestContext[Any],
-                                     params: types.PaginatedRequestParams | None,
-                                     ) -> types.ListToolsResult:
-                    recorder.record("mcp.request", None, {"method": "tools/list",
-                                                          "request_id": ctx.request_id})
-                    started_at = time.monotonic()
-                    _absorb(relay, await _list(client, types))
-                    tools = [t for name, t in relay.tools.items() if gate.served(name)]
-                    recorder.record("mcp.response", None, {
-                        "method": "tools/list", "request_id": ctx.request_id, "is_error": False,
-                        "forwarded": True, "content": [t.name for t in tools], "truncated": False,
-                        "result_sha256": relay.listing_digest,
-                        "duration_ms": round((time.monotonic() - started_at) * 1000, 3)})
-                    return types.ListToolsResult(tools=tools)
-
-                async def call_tool(ctx: ServerRequestContext[Any],
-                                    params: types.CallToolRequestParams) -> types.CallToolResult:
-                    relay.calls += 1
-                    call_id = f"mcp-{relay.calls}"
-                    args = dict(params.arguments or {})
-                    recorder.record("mcp.request", call_id, {
-                        "method": "tools/call", "request_id": ctx.request_id,
-                        "tool": params.name, "arguments": args})
-                    result: types.CallToolResult = await _call(
-                        relay, client, types, MCPError, call_id, ctx.request_id, params.name, args)
-                    return result
-
-                agent = Server(init.server_info.name, version=init.server_info.version,
-                               instructions=(init.instructions or "") +
-                               "\n[FailCore guard: calls are checked against a policy; a "
-                               "refused call returns an error result naming the rule.]",
-                               on_list_tools=list_tools, on_call_tool=call_tool)
-                options = agent.create_initialization_options()
-                if agent_streams is not None:
-                    await agent.run(agent_streams[0], agent_streams[1], options)
-                else:
-                    async with stdio_server() as (agent_read, agent_write):
-                        await agent.run(agent_read, agent_write, options)
-                watch.cancel()  # type: ignore[attr-defined]
-                tg.cancel_scope.cancel()
-    finally:
+    def finish() -> None:
+        nonlocal finished
+        if finished:
+            return
+        finished = True
         recorder.record("mcp.server.stop", None, {
             "reason": stopped, "calls": relay.calls, "refused": relay.refused,
             "proxy_connections": proxy.handled if proxy else 0})
         recorder.record("session.end", None, {"calls": relay.calls})
         if writer is not None:
             writer.close()
+
+    async def on_signals(scope: anyio.CancelScope) -> None:
+        nonlocal stopped
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                stopped = f"signal {signal.Signals(signum).name}"
+                scope.cancel()
+                return
+
+    reaper: threading.Timer | None = None
+    try:
+        async with stdio_client(params, errlog=errlog) as (server_read, server_write):
+            started = await anyio.to_thread.run_sync(launch.handshake)
+            with anyio.CancelScope() as outer:
+                async with anyio.create_task_group() as tg, \
+                        ClientSession(server_read, server_write) as client:
+                    if threading.current_thread() is threading.main_thread():
+                        tg.start_soon(on_signals, outer)
+                    if started.listener is not None:
+                        proxy = EgressProxy(started.listener, policy.server_grants(), relay.proxy_event)
+                        tg.start_soon(proxy.serve)
+
+                    def kill(why: str) -> None:
+                        nonlocal stopped
+                        stopped = f"watchdog: {why}"
+                        try:
+                            os.killpg(started.pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+
+                    watch = _watchdog(started, policy, kill)
+                    tg.start_soon(lambda: anyio.to_thread.run_sync(watch, abandon_on_cancel=True))
+                    init = await client.initialize()
+                    listing = await _list(client, types)
+                    recorder.record("mcp.server.start", None, {
+                        "command": list(command), "pid": started.pid,
+                        "confinement": started.report["layers"],
+                        "landlock_abi": started.report["landlock_abi"],
+                        "landlock": launch.runtime.summary(), "notes": launch.runtime.notes,
+                        "proxy": started.listener is not None,
+                        "limits": {"timeout_s": policy.server.timeout_s,
+                                   "memory_mb": policy.server.memory_mb,
+                                   "processes": policy.server.processes,
+                                   "open_files": policy.server.open_files,
+                                   "file_size_mb": policy.server.file_size_mb},
+                        "server": {"name": init.server_info.name,
+                                   "version": init.server_info.version}})
+                    _absorb(relay, listing)
+
+                    async def list_tools(ctx: ServerRequestContext[Any],
+                                         params: types.PaginatedRequestParams | None,
+                                         ) -> types.ListToolsResult:
+                        recorder.record("mcp.request", None, {"method": "tools/list",
+                                                              "request_id": ctx.request_id})
+                        started_at = time.monotonic()
+                        _absorb(relay, await _list(client, types))
+                        tools = [t for name, t in relay.tools.items() if gate.served(name)]
+                        recorder.record("mcp.response", None, {
+                            "method": "tools/list", "request_id": ctx.request_id, "is_error": False,
+                            "forwarded": True, "content": [t.name for t in tools], "truncated": False,
+                            "result_sha256": relay.listing_digest,
+                            "duration_ms": round((time.monotonic() - started_at) * 1000, 3)})
+                        return types.ListToolsResult(tools=tools)
+
+                    async def call_tool(ctx: ServerRequestContext[Any],
+                                        params: types.CallToolRequestParams) -> types.CallToolResult:
+                        relay.calls += 1
+                        call_id = f"mcp-{relay.calls}"
+                        args = dict(params.arguments or {})
+                        recorder.record("mcp.request", call_id, {
+                            "method": "tools/call", "request_id": ctx.request_id,
+                            "tool": params.name, "arguments": args})
+                        result: types.CallToolResult = await _call(
+                            relay, client, types, MCPError, call_id, ctx.request_id, params.name, args)
+                        return result
+
+                    agent = Server(init.server_info.name, version=init.server_info.version,
+                                   instructions=(init.instructions or "") +
+                                   "\n[FailCore guard: calls are checked against a policy; a "
+                                   "refused call returns an error result naming the rule.]",
+                                   on_list_tools=list_tools, on_call_tool=call_tool)
+                    options = agent.create_initialization_options()
+                    if agent_streams is not None:
+                        await agent.run(agent_streams[0], agent_streams[1], options)
+                    else:
+                        async with stdio_server() as (agent_read, agent_write):
+                            await agent.run(agent_read, agent_write, options)
+                    watch.cancel()  # type: ignore[attr-defined]
+                    tg.cancel_scope.cancel()
+            # The trace is complete before the server is stopped: an agent that kills the
+            # guard soon after closing its side loses no record.
+            finish()
+            reaper = threading.Timer(SERVER_GRACE_S, _kill_group, (started.pid,))
+            reaper.daemon = True
+            reaper.start()
+        # Leaving stdio_client closed the server's stdin and waited for it; the reaper
+        # killed its group if it took longer than SERVER_GRACE_S.
+    finally:
+        if reaper is not None:
+            reaper.cancel()
+        finish()
         launch.close()
     return stopped
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 async def _list(client: Any, types: Any) -> list[Any]:
