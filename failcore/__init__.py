@@ -23,6 +23,7 @@ from failcore._capabilities import (
 from failcore._errors import (
     CallCancelled,
     CapabilityError,
+    ConfinementRefused,
     FailCoreError,
     InputValidationError,
     MissingExtra,
@@ -48,6 +49,7 @@ __all__ = [
     "CallCancelled",
     "Capability",
     "CapabilityError",
+    "ConfinementRefused",
     "DefaultPolicy",
     "Env",
     "FailCoreError",

@@ -16,6 +16,8 @@ Every message says what was refused, which rule refused it, and what to change::
     ├── RegistrationError        metadata broke an invariant
     │   └── CapabilityError          a capability string does not parse (also a ValueError)
     ├── PolicyError              a policy file or preset is malformed (also a ValueError)
+    ├── MissingExtra             an integration's optional package is missing (also an ImportError)
+    ├── ConfinementRefused       a guarded MCP server could not be confined as required; not run
     └── TraceError               a trace file is malformed, tampered with or unreadable
 """
 
@@ -103,6 +105,12 @@ class PolicyError(FailCoreError, ValueError):
 class MissingExtra(FailCoreError, ImportError):
     """An integration's optional dependency is not installed; the message names the extra
     (``pip install 'failcore[mcp]'``)."""
+
+
+class ConfinementRefused(FailCoreError):
+    """``failcore mcp guard`` could not start the server confined as its policy requires
+    (a kernel layer missing, the launcher refused): nothing was run. The message names
+    the layer and why."""
 
 
 class TraceError(FailCoreError):

@@ -32,6 +32,16 @@ def spawn(count: int) -> str:
     return f"{len(children)} children"
 
 
+@server.tool(name="daemon")
+def daemon() -> int:
+    """Start /bin/sleep in a session of its own, orphaned (the classic daemon double fork);
+    returns its pid."""
+    proc = subprocess.Popen(["/bin/sh", "-c", "setsid /bin/sleep 60 >/dev/null 2>&1 & echo $!"],
+                            stdout=subprocess.PIPE)
+    out, _ = proc.communicate()
+    return int(out)
+
+
 @server.tool(name="read")
 def read(path: str) -> str:
     try:

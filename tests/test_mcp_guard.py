@@ -23,6 +23,7 @@ import pytest
 from failcore import Policy, PolicyError
 from failcore._cli import main as cli_main
 from failcore._trace import read_trace, verify_trace
+from failcore._trace_schema import KINDS, validate_record
 from failcore.mcp_guard import ConfinementRefused, Gate, GuardPolicy, load_guard_policy
 from failcore.mcp_guard._launch import prepare
 from failcore.mcp_guard._proxy import EgressProxy, may_resolve
@@ -68,6 +69,15 @@ def test_policy_file_shape(tmp_path: Path) -> None:
     assert [r.path for r in policy.tool_grants("read_file").fs] == ["/srv/docs/public"]
     assert policy.env_names() == ["TOKEN"] and policy.has_network()
     assert [r.host for r in policy.server_grants().net] == ["api.example.com"]
+
+
+def test_the_readme_example_policy_loads(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Guard a third-party MCP server", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    policy = load_guard_policy(_write(tmp_path, example))
+    assert policy.tool("write_file") is None and policy.timeout("read_text_file") == 5
+    assert policy.policy.block_ranges and policy.programs() == ["/bin/sh"]
 
 
 def test_policy_file_problems_are_all_listed(tmp_path: Path) -> None:
@@ -375,6 +385,9 @@ def test_guard_timeout_landlock_and_trace(tmp_path: Path) -> None:
     kinds = [r["kind"] for r in records]
     assert kinds[0] == "session.start" and kinds[-1] == "session.end"
     assert verify_trace(tmp_path / "trace.jsonl").ok
+    for rec in records:  # strict schemas: every record reads back exactly as written
+        assert validate_record(rec).model_dump(mode="json", exclude_unset=True) == rec
+    assert {k for k in KINDS if k.startswith("mcp.")} <= set(kinds) | {"mcp.refuse"}
     start = next(r["body"] for r in records if r["kind"] == "mcp.server.start")
     assert start["server"] == {"name": "fake-third-party", "version": "1.0"}
     assert all(start["confinement"][k]["in_force"]
@@ -403,3 +416,22 @@ def test_guard_watchdog_bounds_the_process_tree(tmp_path: Path) -> None:
     else:
         assert getattr(results[0], "is_error", True)  # RLIMIT_NPROC refused the fork
     assert verify_trace(tmp_path / "trace.jsonl").ok
+
+
+@pytest.mark.timeout(120)
+def test_guard_kills_a_daemonised_server_process(tmp_path: Path) -> None:
+    import psutil
+
+    results, records = _guard_run(tmp_path, """
+        [server]
+        capabilities = ["proc:exec:/bin/sh", "proc:exec:/usr/bin/setsid", "proc:exec:/bin/sleep"]
+    """, [("daemon", {})])
+    pid = int(_text(results[0]))
+    try:
+        proc = psutil.Process(pid)
+        alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    if alive:  # ours: the test started it through the guard; end it before failing
+        proc.kill()
+    assert not alive, "a setsid() child of the server outlived the guard"

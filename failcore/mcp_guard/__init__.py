@@ -14,9 +14,9 @@ run, as Landlock rules), ``_launch`` (plan, launcher, handshake; the child side 
 ``_relay`` (the two MCP sessions and the trace). Needs ``pip install 'failcore[mcp]'``.
 """
 
+from failcore._errors import ConfinementRefused
 from failcore.mcp_guard._gate import Decision, Gate
 from failcore.mcp_guard._guard_policy import GuardPolicy, ServerRules, ToolRules, load_guard_policy
-from failcore.mcp_guard._launch import ConfinementRefused
 from failcore.mcp_guard._relay import guard, serve_guarded
 
 __all__ = ["ConfinementRefused", "Decision", "Gate", "GuardPolicy", "ServerRules", "ToolRules",

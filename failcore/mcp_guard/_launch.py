@@ -27,23 +27,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from failcore._errors import FailCoreError
+from failcore._errors import ConfinementRefused, FailCoreError
 from failcore.mcp_guard._guard_policy import GuardPolicy
 from failcore.mcp_guard._runtime import RuntimePlan, plan_runtime
 from failcore_worker import protocol
 from failcore_worker.protocol import ExecPlan, ExecReport
 from failcore_worker.rules import env_matches
 
-__all__ = ["ConfinementRefused", "Launch", "Started", "prepare"]
+__all__ = ["Launch", "Started", "prepare"]
 
 _MB = 1024 * 1024
 # Layers a guard with ``confinement = "require"`` refuses to run without.
 REQUIRED = ["netns", "landlock", "no_new_privs", "capabilities"]
 HANDSHAKE_TIMEOUT_S = 20.0
-
-
-class ConfinementRefused(FailCoreError):
-    """The server could not be started confined as the policy requires (nothing ran)."""
 
 
 @dataclass

@@ -50,6 +50,7 @@ WATCH_INTERVAL_S = 0.25
 # After the agent leaves: how long the server gets to exit on its own (its stdin closed)
 # before its process group is killed. MCP hosts wait about 2 s for the guard itself.
 SERVER_GRACE_S = 1.0
+_PR_SET_CHILD_SUBREAPER = 36
 _MB = 1024 * 1024
 
 
@@ -374,5 +375,23 @@ async def _call(relay: _Relay, client: Any, types: Any, mcp_error: type[Exceptio
 
 
 def guard(command: list[str], policy: GuardPolicy, *, trace: str | None = None) -> str:
-    """Blocking form of :func:`serve_guarded` over this process's stdio."""
-    return anyio.run(lambda: serve_guarded(command, policy, trace=trace))
+    """Blocking form of :func:`serve_guarded` over this process's stdio, for a process of
+    its own (the CLI): it becomes a child subreaper, so a server's process that left the
+    group with ``setsid()`` is re-parented here and killed at the end, not leaked."""
+    import ctypes
+
+    import psutil
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), ctypes.c_ulong(0),
+               ctypes.c_ulong(0), ctypes.c_ulong(0))
+    try:
+        return anyio.run(lambda: serve_guarded(command, policy, trace=trace))
+    finally:
+        left = psutil.Process().children(recursive=True)
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=2)
