@@ -115,9 +115,10 @@ def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         for a in c.attempts:
             out.write(f"    {_one_line(a.action):<5} [{a.layer}] {_one_line(a.what)}  rule: {_one_line(a.rule)}\n")
     status = _one_line(", ".join(f"{n} {s}" for s, n in counts["status"].items()) or "none", 400)
+    proxy = f", {counts['blocked_proxy']} at the guard's proxy" if counts["blocked_proxy"] else ""
     out.write(f"{counts['calls']} calls ({status}); {counts['blocked']} blocked attempts "
               f"({counts['blocked_precheck']} before dispatch, {counts['blocked_worker']} in the "
-              f"worker); {counts['warnings']} warnings\n")
+              f"worker{proxy}); {counts['warnings']} warnings\n")
     for w in report.warnings:
         out.write(f"warning: {_one_line(w, 1000)}\n")
     return EXIT_OK

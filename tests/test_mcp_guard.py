@@ -368,7 +368,8 @@ def _text(result: Any) -> str:
 
 
 @pytest.mark.timeout(120)
-def test_guard_timeout_landlock_and_trace(tmp_path: Path) -> None:
+def test_guard_timeout_landlock_and_trace(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     results, records = _guard_run(tmp_path, """
         [server]
         timeout_s = 20
@@ -398,6 +399,9 @@ def test_guard_timeout_landlock_and_trace(tmp_path: Path) -> None:
     assert [r["is_error"] for r in responses] == [False, True, False, False, False]
     stop = next(r["body"] for r in records if r["kind"] == "mcp.server.stop")
     assert stop["calls"] == 5 and stop["refused"] == 0
+    assert cli_main(["show", str(tmp_path / "trace.jsonl")]) == 0
+    shown = capsys.readouterr().out
+    assert "mcp-2  sleep" in shown and "failed" in shown and "5 calls (1 failed, 4 ok)" in shown
 
 
 @pytest.mark.timeout(120)
