@@ -20,7 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import _anchor, _baselines, _failcore_bench, _mcp_bench, _mcp_guard_bench
+from benchmarks import (
+    _anchor,
+    _baselines,
+    _broker_bench,
+    _failcore_bench,
+    _mcp_bench,
+    _mcp_guard_bench,
+)
 from benchmarks._report import bounds_section, checks, checks_table, profile_notes, table
 from benchmarks._timing import Row, Unavailable
 
@@ -45,6 +52,7 @@ class Sizes:
     fresh_tput: int
     anchor: int
     mcp: int = 0  # 0: not measured (the MCP server needs the mcp extra)
+    broker: int = 300
 
     @property
     def warmup(self) -> int:
@@ -53,10 +61,10 @@ class Sizes:
 
 FULL = Sizes(direct_batches=300, direct_per_batch=10_000, pipe=20_000, pools=5000,
              python_start=60, warm=10_000, warm_sparse=300, fresh=2000, fresh_sparse=500,
-             warm_tput=20_000, fresh_tput=1000, anchor=5000, mcp=2000)
+             warm_tput=20_000, fresh_tput=1000, anchor=5000, mcp=2000, broker=3000)
 QUICK = Sizes(direct_batches=30, direct_per_batch=2000, pipe=800, pools=400, python_start=10,
               warm=800, warm_sparse=30, fresh=150, fresh_sparse=60, warm_tput=1600,
-              fresh_tput=120, anchor=400, mcp=200)
+              fresh_tput=120, anchor=400, mcp=200, broker=300)
 
 
 def _machine() -> dict[str, str]:
@@ -130,6 +138,8 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
             c.run(f"{kind}_tput_{mode}", f"{kind} throughput, {mode}",
                   functools.partial(_failcore_bench.measure_throughput, isolation, mode, calls))
     c.run("idle_memory", "idle worker memory", _failcore_bench.measure_idle_memory)
+    c.run("connect_brokered", "brokered vs direct loopback connect",
+          lambda: _broker_bench.measure_connect(sizes.broker, max(10, sizes.broker // 10)))
     if anchor is not None:
         c.run("anchor_traced", f"anchor failcore=={_anchor.ANCHOR_VERSION}",
               lambda: _measure_anchor(anchor, sizes.anchor, max(10, sizes.anchor // 10)))
