@@ -9,8 +9,9 @@ TCP connect to that one port only).
 
 Each request is judged like a brokered connect, on the address actually dialled:
 
-1. the host as written (``rules.check_host``): an internal name, or a name no grant
-   covers when no address grant could cover what it resolves to, is refused unresolved;
+1. whether the name may be looked up at all (``check_resolve``, the socket broker's
+   rule): an internal name, or a name no grant covers when no address grant could cover
+   what it resolves to, is refused unresolved (a lookup is a data channel of its own);
 2. the name is resolved *here* (the server's own resolver is never consulted);
 3. every resolved address is judged with ``rules.check_connect`` (names: the host as
    asked), and only an allowed address is dialled, so a name that resolves to both a
@@ -33,11 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from failcore._broker_lookup import check_resolve
 from failcore_worker import rules
 from failcore_worker.protocol import GuardEvent
 from failcore_worker.rules import Grants, Verdict
 
-__all__ = ["EgressProxy", "ProxyLimits", "may_resolve"]
+__all__ = ["EgressProxy", "ProxyLimits"]
 
 _HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-alive",
                 "te", "trailer", "upgrade"}
@@ -51,28 +53,6 @@ class ProxyLimits:
     resolve_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 120.0
-
-
-def _is_address_rule(host: str) -> bool:
-    return "/" in host or host == "localhost" or rules.parse_ip(host) is not None
-
-
-def may_resolve(grants: Grants, host: str, port: int) -> Verdict:
-    """Whether ``host`` may be looked up at all (judged before the query is sent).
-
-    The broker's rule (``failcore._broker_lookup.check_resolve`` on the broker branch):
-    net_safe's name rules refuse at once; a name no grant covers is refused unless an
-    address grant (IP, CIDR, localhost) could cover what it resolves to, in which case
-    the resolved address decides.
-    """
-    verdict = rules.check_host(grants, host, port)
-    if verdict.allowed:
-        return Verdict("allow", "resolve: judged at connect", verdict.reason)
-    if verdict.rule.startswith("net_safe") or not any(_is_address_rule(r.host)
-                                                      for r in grants.net):
-        return verdict
-    return Verdict("allow", "resolve: judged at connect",
-                   "names are judged on the addresses they resolve to")
 
 
 def _split_authority(authority: str) -> tuple[str, int] | None:
@@ -184,7 +164,7 @@ class EgressProxy:
         if literal is not None:
             candidates, names = [str(literal)], []
         else:
-            verdict = may_resolve(self.grants, host, port)
+            verdict = check_resolve(self.grants, host, port)  # the socket broker's rule
             if not verdict.allowed:
                 self.record({"op": "net.resolve", "target": label, "host": host, "port": port,
                              "action": "block", "rule": verdict.rule, "reason": verdict.reason,
