@@ -110,6 +110,22 @@ def as_unprivileged(argv: list[str]) -> list[str]:
     return ["unshare", "-U", "--map-user=65534", "--map-group=65534", *argv]
 
 
+NOBODY = False  # set by main() for the "nobody" mode
+
+
+def as_nobody(launch: Any) -> list[str]:
+    """The launcher as the real uid 65534 (no user namespace trick): the interpreter is the
+    system's /usr/bin/python3, which nobody can read, and failcore_worker (standard library
+    only) comes from the checkout's typings/ link. The launcher's socket and scratch dir are
+    opened to that uid."""
+    os.chmod(launch.workdir, 0o711)
+    os.chmod(os.path.join(launch.workdir, "control"), 0o777)
+    os.chown(launch.scratch, 65534, 65534)
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env",
+            f"PYTHONPATH={REPO / 'typings'}", "/usr/bin/python3", "-m",
+            "failcore_worker.confined_exec", launch.launcher_argv[-1]]
+
+
 def guard_argv(policy: Path, trace: Path, command: list[str], unprivileged: bool) -> list[str]:
     argv = [sys.executable, "-m", "failcore._cli", "mcp", "guard", "--policy", str(policy),
             "--trace", str(trace), "--", *command]
@@ -308,6 +324,26 @@ attempt("exec_sh", lambda: subprocess.run(["/bin/sh", "-c", "true"], check=True)
 attempt("signal_parent", lambda: os.kill(os.getppid(), 0))
 attempt("bind_port", lambda: socket.create_server(("127.0.0.1", 8080)).close())
 attempt("mknod_char", lambda: os.mknod(os.environ["HOME"] + "/dev", 0o600 | 0o020000, os.makedev(1, 3)))
+try:
+    bytearray(512 * 2**20)
+    out["allocate_512mb"] = "ok"
+except MemoryError:
+    out["allocate_512mb"] = "MemoryError"
+kids = []
+try:
+    for _ in range(40):
+        pid = os.fork()
+        if pid == 0:
+            import time
+            time.sleep(2)
+            os._exit(0)
+        kids.append(pid)
+    out["fork_40"] = "ok"
+except OSError as e:
+    out["fork_40"] = f"{type(e).__name__}:{e.errno} after {len(kids)}"
+for pid in kids:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
 print(json.dumps(out))
 """
 
@@ -339,13 +375,17 @@ def scenario_hostile(tmp: Path, unprivileged: bool) -> dict[str, Any]:
     data, outside = _fs_tree(tmp)
     policy = tmp / "p.toml"
     policy.write_text(f'[server]\ncapabilities = ["fs:read:{data}", '
-                      '"net:connect:public.test:80", "env:SECRET", "env:OUTSIDE"]\n')
+                      '"net:connect:public.test:80", "env:SECRET", "env:OUTSIDE"]\n'
+                      'memory_mb = 256\nprocesses = 16\n')
     os.environ["SECRET"], os.environ["OUTSIDE"] = str(outside / "secret.txt"), str(outside)
     out: dict[str, Any] = {}
-    for label, command in (("python", [sys.executable, "-I", "-c", HOSTILE_PY]),
+    python = "/usr/bin/python3" if NOBODY else sys.executable
+    for label, command in (("python", [python, "-I", "-c", HOSTILE_PY]),
                            ("node", ["node", "-e", HOSTILE_JS])):
         launch = prepare(command, load_guard_policy(policy))
         argv = as_unprivileged(launch.launcher_argv) if unprivileged else launch.launcher_argv
+        if NOBODY:
+            argv = as_nobody(launch)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
         try:
@@ -371,7 +411,9 @@ SCENARIOS = {"fetch": scenario_fetch, "fetch_direct": scenario_fetch_direct, "fs
 
 
 def main() -> int:
+    global NOBODY
     name, mode = sys.argv[1], sys.argv[2]
+    NOBODY = mode == "nobody"
     if not only_loopback():
         print(json.dumps({"error": "refusing to run: this is not a private network namespace"}))
         return 3
@@ -379,6 +421,7 @@ def main() -> int:
         Path(tmp).chmod(0o755)
         world = World(Path(tmp))
         result = SCENARIOS[name](Path(tmp), mode == "unprivileged")
+        result["uid"] = os.getuid()
         result["tripped"] = world.tripped
         result["hits"] = world.hits
     print(json.dumps(result))

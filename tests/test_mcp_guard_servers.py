@@ -11,7 +11,9 @@ can reach the machine's network even if the guard is broken.
 Each runs twice: as root, and unprivileged (the guard and the confined launcher in a user
 namespace as uid 65534, with no capability anywhere, so they take the
 ``CLONE_NEWUSER|CLONE_NEWNET`` path; the kernel uid stays root's so that the interpreter
-under /root stays readable, which Landlock, not file modes, must then hold).
+under /root stays readable, which Landlock, not file modes, must then hold). The escape
+scenario also runs as the real uid 65534 (``setpriv``, the system's /usr/bin/python3, which
+nobody can read): there RLIMIT_NPROC, which uid 0 ignores, is proven too.
 
 The servers are installed by ``.ci/run``; locally a missing one skips with a reason, in CI
 (``CI`` set) it fails.
@@ -180,10 +182,15 @@ def test_filesystem_server_asked_directly_cannot_read_outside_its_grants(mode: s
         assert "TOP SECRET" not in result[step]["text"]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "nobody"])
 def test_code_trying_to_escape_gets_kernel_errors(mode: str) -> None:
+    # "nobody": the launcher and the code run as the real uid 65534 (setpriv), with the
+    # system's Python: a truly unprivileged kernel uid, which RLIMIT_NPROC applies to.
     if shutil.which("node") is None:
         _missing("node", "apt-get install nodejs")
+    if mode == "nobody" and (os.geteuid() != 0 or shutil.which("setpriv") is None
+                             or not os.access("/usr/bin/python3", os.X_OK)):
+        _missing("root, setpriv and /usr/bin/python3", "the nobody variant switches uid")
     result = run_scenario("hostile", mode)
     _no_tripwire(result)
     py = result["python"]
@@ -193,6 +200,14 @@ def test_code_trying_to_escape_gets_kernel_errors(mode: str) -> None:
                 "exec_sh", "bind_port", "mknod_char"):
         assert py[key] == "PermissionError:13", (key, py[key])  # EACCES from Landlock
     assert py["signal_parent"] == "PermissionError:1"  # EPERM: Landlock's signal scope
+    assert py["allocate_512mb"] == "MemoryError"  # RLIMIT_DATA from memory_mb = 256
+    if mode == "nobody":
+        # RLIMIT_NPROC counts the server's own user namespace: the 16th process is refused.
+        assert py["fork_40"].startswith("BlockingIOError:11"), py["fork_40"]
+    else:
+        # The kernel uid is 0 (root, or root mapped into a user namespace), which ignores
+        # RLIMIT_NPROC: there the guard's watchdog is what counts (test_mcp_guard.py).
+        assert py["fork_40"] == "ok"
     js = result["node"]
     for key in ("read_secret", "write_outside", "exec_sh", "connect_internal", "connect_metadata"):
         assert js[key] == "EACCES", (key, js[key])
@@ -201,5 +216,5 @@ def test_code_trying_to_escape_gets_kernel_errors(mode: str) -> None:
         assert all(result[f"{runtime}_layers"][k] for k in
                    ("netns", "landlock", "landlock_net", "landlock_scopes", "no_new_privs",
                     "capabilities"))
-        expected = "CLONE_NEWUSER" if mode == "unprivileged" else "unshare(CLONE_NEWNET)"
+        expected = "unshare(CLONE_NEWNET)" if mode == "root" else "CLONE_NEWUSER"
         assert expected in result[f"{runtime}_netns"]
