@@ -20,7 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _mcp_bench, _scan_bench
+from benchmarks import (
+    _anchor,
+    _baselines,
+    _broker_bench,
+    _failcore_bench,
+    _mcp_bench,
+    _mcp_guard_bench,
+    _scan_bench,
+)
 from benchmarks._report import bounds_section, checks, checks_table, profile_notes, table
 from benchmarks._timing import Row, Unavailable
 
@@ -143,6 +151,9 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
     if sizes.mcp:
         c.run("mcp_stdio", "MCP over stdio vs direct call",
               lambda: _mcp_bench.measure_mcp(sizes.mcp, max(10, sizes.mcp // 10)))
+        # The guard's per-call cost vs the same server called directly (same run).
+        c.run("mcp_guard", "MCP guard vs the server directly",
+              lambda: _mcp_guard_bench.measure_guard(sizes.mcp, max(10, sizes.mcp // 10)))
     return c.rows
 
 
@@ -200,6 +211,10 @@ def render(rows: list[Row | Unavailable], meta: dict[str, str]) -> tuple[str, st
         "## MCP server",
         "",
         _mcp_bench.summary(measured),
+        "",
+        "## MCP guard (a third-party server, confined)",
+        "",
+        _mcp_guard_bench.summary(measured),
         "",
         "## Targets",
         "",

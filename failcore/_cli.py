@@ -1,5 +1,5 @@
 """The ``failcore`` command line: inspect, verify, re-judge and report on traces; serve
-a session's tools over MCP.
+a session's tools over MCP; guard a third-party MCP server.
 
 Exit codes (every subcommand):
 
@@ -126,9 +126,10 @@ def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
             asked = _one_line(", ".join(str(r) for r in c.approval.get("required_by") or []))
             out.write(f"    approved [approval]{by} ({asked})\n")
     status = _one_line(", ".join(f"{n} {s}" for s, n in counts["status"].items()) or "none", 400)
+    proxy = f", {counts['blocked_proxy']} at the guard's proxy" if counts["blocked_proxy"] else ""
     out.write(f"{counts['calls']} calls ({status}); {counts['blocked']} blocked attempts "
               f"({counts['blocked_precheck']} before dispatch, {counts['blocked_worker']} in the "
-              f"worker); {counts['warnings']} warnings\n")
+              f"worker{proxy}); {counts['warnings']} warnings\n")
     guard = summary.guardrails()
     if any(guard.values()):
         out.write(f"guardrails: {guard['scan_findings']} scan findings ({guard['scan_blocked']} "
@@ -259,6 +260,34 @@ def _cmd_mcp_serve(args: argparse.Namespace, out: TextIO) -> int:
         raise _UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     finally:
         session.close()
+    return EXIT_OK
+
+
+def _cmd_mcp_guard(args: argparse.Namespace, out: TextIO) -> int:
+    command = list(args.server_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise _UsageError("no server command: failcore mcp guard --policy FILE -- COMMAND ARGS...")
+    try:
+        from failcore import mcp_guard
+
+        policy = mcp_guard.load_guard_policy(args.policy) if args.policy else mcp_guard.GuardPolicy()
+        policy = policy.with_capabilities(args.cap or [])
+    except (FailCoreError, ValueError) as exc:  # PolicyError, CapabilityError, MissingExtra
+        raise _UsageError(str(exc)) from None
+    try:
+        why = mcp_guard.guard(command, policy, trace=args.trace)
+    except FileNotFoundError as exc:
+        raise _UsageError(str(exc)) from None
+    except mcp_guard.ConfinementRefused as exc:
+        print(f"failcore mcp guard: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except TraceError as exc:
+        raise _UsageError(str(exc)) from None
+    if why.startswith("watchdog"):
+        print(f"failcore mcp guard: stopped the server: {why}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -441,6 +470,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow a non-loopback --host (the server has no authentication: "
                     "put your own in front of it)")
     ms.set_defaults(func=_cmd_mcp_serve)
+    mg = msub.add_parser(
+        "guard", help="run a third-party MCP server confined, its tools under a policy",
+        formatter_class=fmt, epilog=EPILOG,
+        usage="failcore mcp guard [--policy FILE] [--cap CAP ...] [--trace FILE] -- COMMAND "
+              "[ARGS...]",
+        description=textwrap.fill(
+            "Start the stdio MCP server COMMAND confined by the kernel (an empty network "
+            "namespace, Landlock limited to its capabilities plus what it needs to run, no "
+            "capabilities, no_new_privs, rlimits, its own process group) and serve its tools "
+            "over this process's stdio. Every tools/call is validated against the server's "
+            "input schema, pre-checked and judged by the policy before it is forwarded; a "
+            "refusal is a tool result with isError naming the rule. With net:connect "
+            "capabilities the server reaches the network only through an HTTP proxy that "
+            "judges each connection on the resolved address. Needs pip install "
+            "'failcore[mcp]' and Linux. Exit code 0 when the agent disconnects, 1 when the "
+            "server could not be confined as required or the watchdog stopped it.", 88))
+    mg.add_argument("--policy", metavar="FILE",
+                    help="guard policy (TOML: [policy], [server], [tools.NAME]; see the README)")
+    mg.add_argument("--cap", action="append", metavar="CAP",
+                    help="add a server capability, e.g. fs:read:/srv/docs (repeatable)")
+    mg.add_argument("--trace", metavar="FILE", help="write the hash-chained trace here")
+    mg.add_argument("server_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                    help="the server to run, after --")
+    mg.set_defaults(func=_cmd_mcp_guard)
     p.set_defaults(func=None, subparser=p)
     return parser
 

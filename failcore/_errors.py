@@ -18,6 +18,7 @@ Every message says what was refused, which rule refused it, and what to change::
     │   └── CapabilityError          a capability string does not parse (also a ValueError)
     ├── PolicyError              a policy file or preset is malformed (also a ValueError)
     ├── TraceError               a trace file is malformed, tampered with or unreadable
+    ├── ConfinementRefused       a guarded MCP server could not be confined as required; not run
     └── MissingExtra             an optional integration's extra is not installed (also an ImportError)
 """
 
@@ -119,6 +120,12 @@ class PolicyError(FailCoreError, ValueError):
 class MissingExtra(FailCoreError, ImportError):
     """An integration's optional dependency is not installed; the message names the extra
     (``pip install 'failcore[mcp]'``)."""
+
+
+class ConfinementRefused(FailCoreError):
+    """``failcore mcp guard`` could not start the server confined as its policy requires
+    (a kernel layer missing, the launcher refused): nothing was run. The message names
+    the layer and why."""
 
 
 class TraceError(FailCoreError):

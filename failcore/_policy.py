@@ -44,7 +44,8 @@ from failcore._scan import Scan
 from failcore_worker import rules
 from failcore_worker.rules import Action, Grants, GuardEvent, Verdict, under
 
-__all__ = ["Policy", "CapabilityVerdict", "load_policy", "load_policy_from", "check_policy_file"]
+__all__ = ["Policy", "CapabilityVerdict", "load_policy", "load_policy_from", "check_policy_file",
+           "policy_from_table"]
 
 _DEFAULTS: dict[str, Action] = {"BLOCK": "block", "WARN": "warn", "ALLOW": "allow"}
 
@@ -425,11 +426,34 @@ def _load(
     if not isinstance(table, dict):
         problems.append(f"{label}: missing the [policy] table; {_SCHEMA_HINT}")
         return None, problems
+    return _from_table(directory, name, label, table, stack, problems,
+                       guardrails=read_tables(label, data, problems))
+
+
+def policy_from_table(
+    table: dict[str, Any], label: str, directory: Traversable, shipped: Traversable | None = None
+) -> tuple[Policy | None, list[str]]:
+    """A ``[policy]`` table that lives in another file (a ``failcore mcp guard`` policy):
+    the same keys and checks as a policy file. Includes resolve in ``directory`` first,
+    then in ``shipped`` (the shipped policies), so ``include = ["net_safe.toml"]`` works
+    from anywhere. Returns the policy or every problem found."""
+    # Only the [policy] table: a guard file's [tools.NAME] tables hold per-tool grants.
+    return _from_table(directory, Path(label).name, label, table, (), [], {}, shipped)
+
+
+def _from_table(
+    directory: Traversable, name: str, label: str, table: dict[str, Any],
+    stack: tuple[str, ...], problems: list[str], guardrails: dict[str, Any],
+    shipped: Traversable | None = None,
+) -> tuple[Policy | None, list[str]]:
     fields, includes = _read_table(label, table, problems)
-    fields.update(read_tables(label, data, problems))
+    fields.update(guardrails)
     parts: list[Policy] = []
     for include in includes:
-        included, sub_problems = _load(directory, include, (*stack, label))
+        where = directory
+        if shipped is not None and not directory.joinpath(include).is_file():
+            where = shipped
+        included, sub_problems = _load(where, include, (*stack, label))
         problems.extend(sub_problems)
         if included is not None:
             parts.append(included)

@@ -90,6 +90,7 @@ class TraceSummary:
             "blocked": sum(a.action == "block" for a in attempts),
             "blocked_precheck": sum(a.action == "block" and a.layer == "precheck" for a in attempts),
             "blocked_worker": sum(a.action == "block" and a.layer == "worker" for a in attempts),
+            "blocked_proxy": sum(a.action == "block" and a.layer == "proxy" for a in attempts),
             "warnings": sum(a.action == "warn" for a in attempts),
         }
 
@@ -185,12 +186,30 @@ def summarize(records: Sequence[dict[str, Any]]) -> TraceSummary:
                     str(f.get("rule", "")), str(f.get("reason", "")),
                 ))
         elif kind == "guard" and body.get("action") in ("block", "warn"):
+            # observed "parent": the guard's egress proxy saw it (failcore mcp guard)
+            layer = "proxy" if body.get("observed") == "parent" else "worker"
             call.attempts.append(Attempt(
-                cid, call.tool, "worker", f"{body.get('op', '?')} {guard_target(body)}",
+                cid, call.tool, layer, f"{body.get('op', '?')} {guard_target(body)}",
                 str(body["action"]), str(body.get("rule", "")), str(body.get("reason", "")),
             ))
         elif kind in ("scan", "approval", "budget.check", "budget.charge"):
             _guardrail(call, str(kind), body, budgets)
+        elif kind == "mcp.request":  # a tools/call to a guarded third-party server
+            call.tool = str(body.get("tool", call.tool))
+            call.args = body.get("arguments")
+        elif kind == "mcp.refuse":
+            call.status = "blocked"
+            call.error = {"type": "refused", "message": str(body.get("reason", "")),
+                          "rule": str(body.get("rule", ""))}
+            if body.get("stage") != "precheck":  # the pre-check's findings are attempts already
+                call.attempts.append(Attempt(
+                    cid, call.tool, "precheck", str(body.get("stage", "?")), "block",
+                    str(body.get("rule", "")), str(body.get("reason", ""))))
+        elif kind == "mcp.response":
+            if call.status != "blocked":
+                call.status = "failed" if body.get("is_error") else "ok"
+            duration = body.get("duration_ms")
+            call.duration_ms = duration if isinstance(duration, int | float) else None
         elif kind == "call.end":
             call.tool = str(body.get("tool", call.tool))
             call.status = str(body.get("status", "?"))

@@ -257,6 +257,96 @@ class SessionEndBody(_Strict):
     calls: int = Field(ge=0)
 
 
+class ConfinementLayer(_Strict):
+    in_force: bool
+    reason: str
+
+
+class LandlockRule(_Strict):
+    path: str
+    rights: list[str]
+    why: list[str]
+
+
+class GuardLimitsBody(_Strict):
+    """A guarded MCP server's limits (``[server]`` of the guard policy)."""
+
+    timeout_s: float
+    memory_mb: int
+    processes: int
+    open_files: int
+    file_size_mb: int
+
+
+class McpServerStartBody(_Strict):
+    """``failcore mcp guard`` started a third-party server confined: the command, what the
+    kernel enforces (per layer, and why not), every Landlock rule and why it is there."""
+
+    command: list[str]
+    pid: int
+    confinement: dict[str, ConfinementLayer]
+    landlock_abi: int
+    landlock: list[LandlockRule]
+    notes: list[str]
+    proxy: bool
+    limits: GuardLimitsBody
+    server: dict[str, str] | None
+
+
+class McpTool(_Strict):
+    name: str
+    served: bool
+    reason: str
+    input_schema_sha256: str
+
+
+class McpToolsBody(_Strict):
+    """The server's tool listing and which tools the guard serves."""
+
+    tools: list[McpTool]
+
+
+class McpRequestBody(_Strict):
+    """A request from the agent (``tools/call`` carries the tool and its arguments)."""
+
+    method: str
+    request_id: str | int | None
+    tool: str | None = None
+    arguments: dict[str, Any] | None = None
+
+
+class McpRefuseBody(_Strict):
+    """The guard answered a ``tools/call`` itself, without forwarding it."""
+
+    tool: str
+    stage: Literal["unknown", "disabled", "validate", "precheck"]
+    rule: str
+    reason: str
+
+
+class McpResponseBody(_Strict):
+    """What the agent got back: the server's result (text truncated past a bound, with the
+    digest of the whole), or the guard's refusal, or a protocol error."""
+
+    method: str
+    request_id: str | int | None
+    tool: str | None = None
+    is_error: bool
+    forwarded: bool
+    content: Any
+    truncated: bool
+    result_sha256: str
+    duration_ms: float
+    error: str | None = None
+
+
+class McpServerStopBody(_Strict):
+    reason: str
+    calls: int = Field(ge=0)
+    refused: int = Field(ge=0)
+    proxy_connections: int = Field(ge=0)
+
+
 # --- records ---------------------------------------------------------------------------
 
 
@@ -362,10 +452,41 @@ class SessionEnd(_Record):
     body: SessionEndBody
 
 
+class McpServerStart(_Record):
+    kind: Literal["mcp.server.start"]
+    body: McpServerStartBody
+
+
+class McpTools(_Record):
+    kind: Literal["mcp.tools"]
+    body: McpToolsBody
+
+
+class McpRequest(_Record):
+    kind: Literal["mcp.request"]
+    body: McpRequestBody
+
+
+class McpRefuse(_Record):
+    kind: Literal["mcp.refuse"]
+    body: McpRefuseBody
+
+
+class McpResponse(_Record):
+    kind: Literal["mcp.response"]
+    body: McpResponseBody
+
+
+class McpServerStop(_Record):
+    kind: Literal["mcp.server.stop"]
+    body: McpServerStopBody
+
+
 _MODELS: tuple[type[_Record], ...] = (
     SessionStart, ToolRegister, CallStart, ValidateInput, PolicyPrecheck, PolicyGrants,
     TokenMint, IpcSend, IpcRecv, Guard, ValidateOutput, CallEnd, WorkerSpawn, WorkerKill,
     Scan, BudgetCheck, BudgetCharge, Approval, SessionEnd,
+    McpServerStart, McpTools, McpRequest, McpRefuse, McpResponse, McpServerStop,
 )
 
 KINDS: frozenset[str] = frozenset(
@@ -376,7 +497,8 @@ TraceRecord = Annotated[
     SessionStart | ToolRegister | CallStart | ValidateInput | PolicyPrecheck | PolicyGrants
     | TokenMint | IpcSend | IpcRecv | Guard | ValidateOutput | CallEnd | WorkerSpawn
     | WorkerKill | Scan | BudgetCheck | BudgetCharge | Approval
-    | SessionEnd,
+    | SessionEnd | McpServerStart | McpTools | McpRequest | McpRefuse
+    | McpResponse | McpServerStop,
     Field(discriminator="kind"),
 ]
 

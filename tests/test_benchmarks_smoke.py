@@ -138,6 +138,19 @@ def test_runner_end_to_end() -> None:
         assert heading in md
 
 
+@pytest.mark.timeout(120)
+def test_mcp_guard_rows() -> None:
+    pytest.importorskip("mcp")
+    from benchmarks import _mcp_guard_bench
+
+    rows = _mcp_guard_bench.measure_guard(3, 1)
+    by_key = {r.key: r for r in rows if isinstance(r, Row)}
+    for key in ("mcp_server_direct", "mcp_guard", "mcp_server_direct_start", "mcp_guard_start"):
+        _ok(by_key[key], "µs")
+    assert "x direct" in by_key["mcp_guard"].note
+    assert "through `failcore mcp guard`" in _mcp_guard_bench.summary(by_key)
+
+
 def test_brokered_connect() -> None:
     rows = _broker_bench.measure_connect(5, 1)
     if isinstance(rows, Unavailable):
