@@ -16,12 +16,11 @@ from failcore._capabilities import (
     FsWrite,
     NetConnect,
     ProcExec,
-    covers,
-    meet,
     parse_capabilities,
     parse_capability,
     to_rules,
 )
+from failcore._capability_meet import covers, meet
 from failcore._errors import CapabilityError, RegistrationError
 from failcore._metadata import SideEffect
 from failcore_worker.rules import FsRule, NetRule

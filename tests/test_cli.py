@@ -46,7 +46,7 @@ class FakePolicy:
 
     name = "fake"
 
-    def grants(self, caps: Any, default: DefaultPolicy) -> Grants:
+    def grants(self, caps: Any, default: DefaultPolicy, defaults: Any = ()) -> Grants:
         return Grants(default=default.value.lower())  # type: ignore[arg-type]
 
     def precheck(self, grants: Grants, args: Mapping[str, Any]) -> list[tuple[str, Verdict]]:
@@ -99,9 +99,9 @@ def test_rejudge_passes_tool_grants_and_args(sample: Path) -> None:
     seen: list[tuple[str, Any]] = []
 
     class Spy(AllowAll):
-        def grants(self, caps: Any, default: DefaultPolicy) -> Grants:
+        def grants(self, caps: Any, default: DefaultPolicy, defaults: Any = ()) -> Grants:
             seen.append(("grants", (list(caps), default)))
-            return super().grants(caps, default)
+            return super().grants(caps, default, defaults)
 
         def precheck(self, grants: Grants, args: Mapping[str, Any]) -> list[tuple[str, Verdict]]:
             seen.append(("precheck", dict(args)))
