@@ -9,7 +9,9 @@ The exact semantics for hosts, the one part with choices in it:
 * names never meet addresses: whether ``api.github.com`` is inside ``0.0.0.0/0`` would
   need DNS, and the answer could change after the check, so they share nothing;
 * ``*.example.com`` meets ``a.example.com`` as ``a.example.com``; CIDRs meet as the
-  smaller when one holds the other, else nothing;
+  smaller when one holds the other, else nothing (an IPv4 and an IPv6 block share only
+  the IPv6 forms of the IPv4 one, which its grant reaches anyway: they meet as nothing,
+  the one place the result is smaller than the exact intersection);
 * ``public`` (every globally routable address) meets a CIDR as **the public part of that
   CIDR**: the CIDR itself when it is all public (``8.8.8.0/24``), nothing when it holds
   no public address (``10.0.0.0/8``), and ``public@CIDR`` when it mixes both
