@@ -27,7 +27,6 @@ from failcore_worker._addresses import (
     Net,
     blocked_ranges_in,
     embedded_v4,
-    is_public,
     network_inside,
     network_publicness,
     parse_ip,
@@ -79,11 +78,18 @@ def rule_target(host: str) -> tuple[str, tuple[Net, ...], str]:
 
 def candidates(ip: IPAddress) -> tuple[IPAddress, ...]:
     """``ip`` plus the IPv4 host it reaches when it is a translated IPv6 form."""
+    return _facts(ip)[0]
+
+
+@lru_cache(maxsize=1024)
+def _facts(ip: IPAddress) -> tuple[tuple[IPAddress, ...], tuple[str, str] | None]:
+    """(candidates, special range) of an address: asked once per rule per connect."""
+    cands: tuple[IPAddress, ...] = (ip,)
     if isinstance(ip, ipaddress.IPv6Address):
         inner = embedded_v4(ip)
         if inner is not None and inner[0] in TRANSLATED:
-            return ip, inner[2]
-    return (ip,)
+            cands = (ip, inner[2])
+    return cands, special_range(ip)
 
 
 def _in(nets: Sequence[Net], cands: Sequence[IPAddress]) -> list[Net]:
@@ -98,14 +104,14 @@ def covers_address(host: str, ip: IPAddress, block_ranges: bool) -> bool:
     covers a special address; "localhost" covers the loopback addresses.
     """
     kind, nets, name = rule_target(host)
-    cands = candidates(ip)
+    cands, special = _facts(ip)
     if kind == "public":
-        return is_public(ip) and (not nets or bool(_in(nets, cands)))
+        return special is None and (not nets or bool(_in(nets, cands)))
     if kind == "net":
         matched = _in(nets, cands)
         if not matched:
             return False
-        if not block_ranges or special_range(ip) is None:
+        if not block_ranges or special is None:
             return True
         return any(network_inside(n, ip) for n in matched)
     return name == _LOOPBACK_NAME and any(c.is_loopback for c in cands)
