@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Action = Literal["allow", "warn", "block"]
 
 # Rules of the verdicts for the worker's own, routine file access; the guards leave
@@ -101,7 +100,8 @@ class Grants:
 
     ``default``: what an operation no capability covers gets. ``block_ranges``: the
     net_safe rule (special IP ranges refused unless a NetRule lying inside the range
-    names it by IP or CIDR; a rule merely containing one covers only its public part). ``fs_root``: fs_safe confinement. ``deny_exec``: strict(): no subprocess at all.
+    names it by IP or CIDR; a rule merely containing one covers only its public part).
+    ``fs_root``: fs_safe confinement. ``deny_exec``: strict(): no subprocess at all.
     ``implicit_read``: directories the worker may always read (stdlib, site-packages,
     DNS/TLS configuration), filled in by the worker at lock-down.
     """
