@@ -176,3 +176,14 @@ def test_replay_recomputes_the_default_grant(tmp_path: Path,
     assert worker and worker[0].verdict.action == "block"
     assert worker[0].verdict.rule.startswith("net_safe: 127.0.0.0/8"), worker[0].verdict
     assert os.path.exists(trace)
+
+
+def test_show_and_report_mark_the_defaults(tmp_path: Path) -> None:
+    from failcore._report import summarize
+
+    trace = tmp_path / "trace.jsonl"
+    with Session(trace=trace) as s:
+        s.register("both", connect, ToolMetadata(
+            side_effect=[SideEffect.NETWORK, SideEffect.FILESYSTEM]))
+    (tool,) = summarize(read_trace(trace)).tools
+    assert tool.capabilities == ["net:connect:public (default)", "fs:scratch (default)"]
