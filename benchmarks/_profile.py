@@ -65,7 +65,7 @@ def _each_us(fn: Callable[[], object], n: int, before: Callable[[], object] | No
 def stages(n: int) -> dict[str, float]:
     """Median µs of each parent-side step of ``session.call("inc", x=1)``, warm and traced."""
     from benchmarks._baselines import measure_pipe
-    from failcore import _dispatch, _wire
+    from failcore import _wire
 
     pipe = measure_pipe(n, 200).value
     with _session("tool", traced=False) as (s0, _trace):
@@ -75,35 +75,35 @@ def stages(n: int) -> dict[str, float]:
         total = _median_us(call, n)
         sess: Any = s
         tool = sess._tools[TOOL]
-        trace, models, minter, policy, pool = sess._trace, tool.models, sess._minter, s.policy, sess._pool
+        trace, models, minter, policy, backend = (sess._trace, tool.models, sess._minter,
+                                                  s.policy, sess._backend)
         kwargs = {"x": 1}
         args = models.validate_input(kwargs)
         token, mac = minter.mint("c1", TOOL, tool.parts, tool.limits.timeout_s)
         reply = protocol.encode("result", {"value": 2, "events": [], "retire": False})[protocol.HEADER.size:]
         ids = itertools.count()
-        worker, needs_init = sess._acquire(tool)
-        assert not needs_init, "the warm worker should be initialised by the calls above"
+        lease = backend.lease(tool.spec)
+        assert not lease.fresh, "the warm worker should be initialised by the calls above"
 
         def round_trip() -> None:  # mint + encode + send + worker turn + recv + decode
             tok, m = minter.mint(f"r{next(ids)}", TOOL, tool.parts, 10.0)
             frame = protocol.encode("call", {"token": tok, "mac": m, "args": args})
-            _dispatch.exchange(pool, worker, TOOL, [frame], 10.0, tool.limits.output_bytes)
+            backend.exchange(lease, frame)
 
         try:
             exchange = _median_us(round_trip, n)
         finally:
-            sess._release(tool, worker, True)
+            backend.release(lease, True)
 
         def acquire_release() -> None:
-            w, _init = sess._acquire(tool)
-            sess._release(tool, w, True)
+            backend.release(backend.lease(tool.spec), True)
 
         out = {
             "bare multiprocessing.Pipe round trip (same process, for reference)": pipe,
             "whole call, no trace (session.call)": untraced,
             "whole call, JSONL trace (session.call)": total,
-            "mint + encode + _dispatch.exchange (the round trip, worker turn included)": exchange,
-            "_acquire + _release (tool.cond)": _median_us(acquire_release, n),
+            "mint + encode + backend.exchange (the round trip, worker turn included)": exchange,
+            "backend.lease + release (warm)": _median_us(acquire_release, n),
             "redact args": _median_us(lambda: models.redact(kwargs), n),
             "validate_input": _median_us(lambda: models.validate_input(kwargs), n),
             "policy.precheck": _median_us(lambda: policy.precheck(tool.parts.grants, args), n),
@@ -139,7 +139,6 @@ def worker_stages(n: int) -> dict[str, float]:
     import json
     import os
     import tempfile
-    import types
 
     from failcore_worker import guards
     from failcore_worker import main as wmain
@@ -147,8 +146,8 @@ def worker_stages(n: int) -> dict[str, float]:
     with _session("tool", traced=False) as (s, _trace):
         sess: Any = s
         tool = sess._tools[TOOL]
-        base = tempfile.mkdtemp(prefix="w", dir=sess._root)
-        body = sess._init_body(tool, types.SimpleNamespace(base_dir=base, extra={}))
+        base = tempfile.mkdtemp(prefix="w", dir=sess._backend._root)
+        body = sess._backend.init_body(tool.spec, base)
         body["uid"] = None
         mint = sess._minter.mint
         calls = [{"token": t, "mac": m, "args": {"x": 1}}
@@ -281,15 +280,14 @@ def lockdown_stages(n: int) -> dict[str, float]:
     import json
     import os
     import tempfile
-    import types
 
     samples: dict[str, list[float]] = {}
     with _session("call", traced=False) as (s, _trace):
         sess: Any = s
         tool = sess._tools[TOOL]
         for i in range(n):
-            base = tempfile.mkdtemp(prefix="w", dir=sess._root)
-            body = sess._init_body(tool, types.SimpleNamespace(base_dir=base, extra={}))
+            base = tempfile.mkdtemp(prefix="w", dir=sess._backend._root)
+            body = sess._backend.init_body(tool.spec, base)
             body["uid"] = None
             token, mac = sess._minter.mint(f"c{i}", TOOL, tool.parts, 60.0)
             rfd, wfd = os.pipe()
@@ -315,7 +313,7 @@ def fresh_hits(n: int, gap_s: float = 0.0) -> dict[str, float]:
     samples: dict[bool, list[float]] = {True: [], False: []}
     with _session("call", traced=True) as (s, _trace):
         sess: Any = s
-        pool = sess._pool
+        pool = sess._backend._pool
         take_ready = pool.take_ready
         hit = [False]
 

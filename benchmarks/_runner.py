@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import _anchor, _baselines, _failcore_bench
+from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _mcp_bench
 from benchmarks._report import bounds_section, checks, checks_table, profile_notes, table
 from benchmarks._timing import Row, Unavailable
 
@@ -44,6 +44,8 @@ class Sizes:
     warm_tput: int
     fresh_tput: int
     anchor: int
+    broker: int = 300
+    mcp: int = 0  # 0: not measured (the MCP server needs the mcp extra)
 
     @property
     def warmup(self) -> int:
@@ -52,10 +54,10 @@ class Sizes:
 
 FULL = Sizes(direct_batches=300, direct_per_batch=10_000, pipe=20_000, pools=5000,
              python_start=60, warm=10_000, warm_sparse=300, fresh=2000, fresh_sparse=500,
-             warm_tput=20_000, fresh_tput=1000, anchor=5000)
+             warm_tput=20_000, fresh_tput=1000, anchor=5000, broker=3000, mcp=2000)
 QUICK = Sizes(direct_batches=30, direct_per_batch=2000, pipe=800, pools=400, python_start=10,
               warm=800, warm_sparse=30, fresh=150, fresh_sparse=60, warm_tput=1600,
-              fresh_tput=120, anchor=400)
+              fresh_tput=120, anchor=400, broker=300, mcp=200)
 
 
 def _machine() -> dict[str, str]:
@@ -84,7 +86,9 @@ class _Collector:
         self.rows: list[Row | Unavailable] = []
         self._progress = progress
 
-    def run(self, key: str, label: str, fn: Callable[[], Row | Unavailable | list[Row] | tuple[Row, Row | None]]) -> None:
+    def run(self, key: str, label: str,
+            fn: Callable[[], Row | Unavailable | list[Row] | list[Row | Unavailable]
+                         | tuple[Row, Row | None]]) -> None:
         self._progress(f"  {label} ...")
         start = time.monotonic()
         try:
@@ -127,9 +131,14 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
             c.run(f"{kind}_tput_{mode}", f"{kind} throughput, {mode}",
                   functools.partial(_failcore_bench.measure_throughput, isolation, mode, calls))
     c.run("idle_memory", "idle worker memory", _failcore_bench.measure_idle_memory)
+    c.run("connect_brokered", "brokered vs direct loopback connect",
+          lambda: _broker_bench.measure_connect(sizes.broker, max(10, sizes.broker // 10)))
     if anchor is not None:
         c.run("anchor_traced", f"anchor failcore=={_anchor.ANCHOR_VERSION}",
               lambda: _measure_anchor(anchor, sizes.anchor, max(10, sizes.anchor // 10)))
+    if sizes.mcp:
+        c.run("mcp_stdio", "MCP over stdio vs direct call",
+              lambda: _mcp_bench.measure_mcp(sizes.mcp, max(10, sizes.mcp // 10)))
     return c.rows
 
 
@@ -184,6 +193,10 @@ def render(rows: list[Row | Unavailable], meta: dict[str, str]) -> tuple[str, st
         "",
         body,
         anchor_line,
+        "## MCP server",
+        "",
+        _mcp_bench.summary(measured),
+        "",
         "## Targets",
         "",
         targets,

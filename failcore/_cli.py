@@ -1,4 +1,5 @@
-"""The ``failcore`` command line: inspect, verify, re-judge and report on traces.
+"""The ``failcore`` command line: inspect, verify, re-judge and report on traces; serve
+a session's tools over MCP.
 
 Exit codes (every subcommand):
 
@@ -229,6 +230,27 @@ def _cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _cmd_mcp_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from failcore import mcp
+
+    try:
+        if args.transport == "http":
+            mcp.check_host(args.host, args.allow_remote)
+        session = mcp.load_session(args.session)
+    except FailCoreError as exc:  # MissingExtra included
+        raise _UsageError(str(exc)) from None
+    try:
+        mcp.serve(session, transport=args.transport, host=args.host, port=args.port,
+                  allow_remote=args.allow_remote)
+    except FailCoreError as exc:
+        raise _UsageError(str(exc)) from None
+    except OSError as exc:  # the port is taken, the address is not ours
+        raise _UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    finally:
+        session.close()
+    return EXIT_OK
+
+
 def _cmd_policy_check(args: argparse.Namespace, out: TextIO) -> int:
     path = args.file
     if not os.path.isfile(path):
@@ -275,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill("FailCore: an execution-time safety runtime for the tools AI agents call. "
         "These commands inspect the hash-chained JSONL traces a Session writes: show a "
         "timeline, verify the chain and schema, re-judge a trace under another policy, "
-        "render an HTML audit report, and check policy files.", 88),
+        "render an HTML audit report, check policy files, and serve a session's tools over "
+        "MCP.", 88),
     )
     parser.add_argument("--version", action="version", version=f"failcore {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -341,6 +364,32 @@ def build_parser() -> argparse.ArgumentParser:
         "under net_safe such a grant reaches only its public part.", 88))
     pc.add_argument("file", metavar="FILE", help="the policy file (TOML)")
     pc.set_defaults(func=_cmd_policy_check)
+    p.set_defaults(func=None, subparser=p)
+
+    p = add("mcp", "serve a session's tools over MCP",
+            "Model Context Protocol commands (needs pip install 'failcore[mcp]'). 'failcore mcp "
+            "serve MODULE:SESSION' serves the tools of a Session defined in your code.")
+    msub = p.add_subparsers(dest="mcp_command", metavar="COMMAND")
+    ms = msub.add_parser(
+        "serve", help="serve a session's tools over MCP", formatter_class=fmt, epilog=EPILOG,
+        description=textwrap.fill(
+            "Import MODULE (the current directory is searched first) and serve the tools of "
+            "its Session SESSION (or of the Session a function of that name returns) over "
+            "stdio or streamable HTTP. Every tools/call runs through the session: validated, "
+            "pre-checked, in a locked-down worker, traced with the MCP request id. A refused "
+            "call is a tool result with isError and the rule in its text. HTTP binds to "
+            "loopback only unless --allow-remote. Exit code 0 when the client disconnects "
+            "(stdio) or the server is stopped (HTTP).", 88))
+    ms.add_argument("session", metavar="MODULE:SESSION", help="e.g. myapp.tools:session")
+    ms.add_argument("--transport", choices=("stdio", "http"), default="stdio",
+                    help="stdio (default: an MCP host starts this command) or streamable HTTP")
+    ms.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    ms.add_argument("--port", type=int, default=8000,
+                    help="HTTP port (default 8000; 0 picks a free one, printed on stderr)")
+    ms.add_argument("--allow-remote", action="store_true",
+                    help="allow a non-loopback --host (the server has no authentication: "
+                    "put your own in front of it)")
+    ms.set_defaults(func=_cmd_mcp_serve)
     p.set_defaults(func=None, subparser=p)
     return parser
 

@@ -1,6 +1,23 @@
-"""The one error hierarchy of FailCore.
+"""The one error hierarchy of FailCore, all importable from ``failcore``.
 
-Every message says what was refused, which rule refused it, and what to change.
+Every message says what was refused, which rule refused it, and what to change::
+
+    FailCoreError
+    ├── SecurityError            a policy refused (.rule, .target, .layer)
+    ├── ValidationError
+    │   ├── InputValidationError     arguments refused before any worker was touched
+    │   └── OutputValidationError    the result does not match its model or limits
+    ├── ToolTimeout              past timeout_s; the worker's tree was killed
+    ├── CallCancelled            the awaiting acall was cancelled; the tree was killed
+    ├── ResourceLimitExceeded    memory, CPU, file size, output size, process count
+    ├── WorkerCrashed            the worker died without answering
+    ├── ToolFailed               the tool raised (.remote_type, .remote_message, .remote_traceback)
+    ├── ReplayMismatch           a replayed session diverged from its trace
+    ├── RegistrationError        metadata broke an invariant
+    │   └── CapabilityError          a capability string does not parse (also a ValueError)
+    ├── PolicyError              a policy file or preset is malformed (also a ValueError)
+    ├── TraceError               a trace file is malformed, tampered with or unreadable
+    └── MissingExtra             an optional integration's extra is not installed (also an ImportError)
 """
 
 from __future__ import annotations
@@ -82,6 +99,11 @@ class CapabilityError(RegistrationError, ValueError):
 
 class PolicyError(FailCoreError, ValueError):
     """A policy file or preset is malformed."""
+
+
+class MissingExtra(FailCoreError, ImportError):
+    """An integration's optional dependency is not installed; the message names the extra
+    (``pip install 'failcore[mcp]'``)."""
 
 
 class TraceError(FailCoreError):

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from failcore_worker.protocol import LimitsWire
+
 
 class RiskLevel(enum.StrEnum):
     LOW = "LOW"
@@ -71,7 +73,7 @@ class Limits:
     def effective_cpu_s(self) -> int:
         return self.cpu_s if self.cpu_s is not None else int(self.timeout_s) + 2
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> LimitsWire:
         return {
             "timeout_s": self.timeout_s,
             "memory_mb": self.memory_mb,

@@ -58,23 +58,29 @@ class ScrubbingTrace:
         self._trace = trace
         self._hidden = hidden
 
-    def _scrub(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in self._hidden:
-                if secret in value:
-                    value = value.replace(secret, "<secret>")
-            return value
-        if isinstance(value, dict):
-            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self._scrub(v) for v in value]
-        return value
-
     def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
                plain: bool = False) -> Any:
         from failcore._validation import to_jsonable
 
-        return self._trace.record(kind, call_id, self._scrub(to_jsonable(body)))
+        return self._trace.record(kind, call_id, scrub(to_jsonable(body), self._hidden))
+
+
+def scrub(value: Any, hidden: list[str]) -> Any:
+    """``value`` with every string in ``hidden`` replaced by ``<secret>``, at any depth.
+
+    The trace's scrubber, and the integrations' too: an error's text shown to an agent
+    (an MCP tool result, a framework's tool error) hides what the trace hides.
+    """
+    if isinstance(value, str):
+        for secret in hidden:
+            if secret in value:
+                value = value.replace(secret, "<secret>")
+        return value
+    if isinstance(value, dict):
+        return {scrub(k, hidden): scrub(v, hidden) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v, hidden) for v in value]
+    return value
 
 
 class ObservedTrace:

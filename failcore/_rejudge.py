@@ -21,12 +21,12 @@ from typing import Any, Literal, Protocol, cast
 
 from failcore._errors import FailCoreError
 from failcore._metadata import DefaultPolicy
-from failcore_worker.rules import Grants, GuardEvent, Verdict
+from failcore_worker.protocol import GuardEvent
+from failcore_worker.rules import Grants, Verdict
 
 Layer = Literal["precheck", "worker"]
 
-_GUARD_KEYS = ("op", "target", "host", "port", "names", "path", "write", "program",
-               "action", "rule", "reason")
+_GUARD_KEYS = tuple(GuardEvent.__annotations__)
 
 
 class RejudgePolicy(Protocol):

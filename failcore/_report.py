@@ -212,6 +212,7 @@ td.id,td.num{white-space:nowrap}
 .s-timeout,.s-crashed,.s-resource,.s-failed,.s-invalid_input,.s-invalid_output{background:#fde8d7;color:#93370d}
 ul.plain{margin:0;padding-left:16px}.muted{color:#8a93a3}
 details summary{cursor:pointer;color:#3b5bdb}
+.timeline{overflow-x:auto}.timeline svg{max-width:100%;height:auto}
 """
 
 
@@ -268,6 +269,13 @@ def _summary_json(summary: TraceSummary, extra: dict[str, Any]) -> str:
     text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=repr)
     # Inside <script> only "</" could end the element; escape every markup character.
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _timeline_section(records: Sequence[dict[str, Any]]) -> str:
+    from failcore._timeline import timeline_svg
+
+    svg = timeline_svg(records)
+    return f'<h2>Timeline</h2><div class="timeline" id="timeline">{svg}</div>' if svg else ""
 
 
 def render_report(
@@ -359,6 +367,7 @@ def render_report(
 <table id="header">{header}</table>
 <div class="tiles">{tiles}</div>
 {verify_section}
+{_timeline_section(records)}
 <h2>Calls</h2>
 {_table(("call", "tool", "status", "duration", "grants", "blocked", "args"), call_rows,
         "No calls in this trace.", "calls")}

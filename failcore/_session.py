@@ -1,8 +1,9 @@
-"""The Session: registry, dispatch to locked-down workers, trace, replay.
+"""The Session: registry, validation, policy, tokens, the trace; workers via a backend.
 
 Layers, top to bottom: ``Session`` (API, registration invariants, validation, policy
-pre-check, token, trace) -> ``_dispatch.exchange`` (one request/response within a
-deadline) -> ``_workers.Pool`` (prespawned workers forked by a clean zygote).
+pre-check, token, trace) -> ``Backend`` (``failcore._backend``: lease a worker, exchange
+one call within its deadline, release or retire) -> the worker. The Session is the single
+trace writer: backends report, it records.
 """
 
 from __future__ import annotations
@@ -11,23 +12,16 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
-import functools
 import itertools
 import os
 import pickle
-import shutil
-import signal
-import sys
-import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
-from failcore import _dispatch
+from failcore._backend import Backend, Lease, Outcome, ToolSpec
 from failcore._capabilities import parse_capabilities
-from failcore._dispatch import Outcome
 from failcore._errors import (
     CallCancelled,
     FailCoreError,
@@ -39,7 +33,7 @@ from failcore._errors import (
 )
 from failcore._metadata import DefaultPolicy, ToolMetadata
 from failcore._policy import Policy
-from failcore._privilege import plan as privilege_plan
+from failcore._privilege import PrivilegePlan
 from failcore._recording import NoTrace, ObservedTrace, Observer, ScrubbingTrace, current_context
 from failcore._replay import Replayer
 from failcore._token import TokenMinter, ToolGrants
@@ -52,48 +46,46 @@ from failcore._tool import (
     ship,
 )
 from failcore._validation import build_models
-from failcore._watchdog import Watchdog
-from failcore._workers import Pool, Worker, descendants
-from failcore._zygote import MINIMAL_ENV, Zygote
 from failcore_worker import protocol
-from failcore_worker.rules import GuardEvent, under
-
-_SYSTEM_READ = (
-    "/etc/ssl", "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates",
-    "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
-    "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo",
-    "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero",
-)
-
+from failcore_worker.rules import GuardEvent
 
 # Detail kept in call.end so replay can re-raise the same error: (record key, attribute).
 _ERROR_DETAIL = (("rule", "rule"), ("target", "target"), ("layer", "layer"),
                  ("remote_type", "remote_type"), ("traceback", "remote_traceback"))
 
 
+def _start_body(tool: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A ``call.start`` body, with the caller's ``call_context`` labels when there are any."""
+    start: dict[str, Any] = {"tool": tool, "args": args}
+    context = current_context()
+    if context:
+        start["context"] = context
+    return start
+
+
 class _CallHandle:
-    """Links an ``acall`` to the worker serving it, so cancelling can kill that worker."""
+    """Links an ``acall`` to the lease serving it, so cancelling can kill that worker."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._worker: Worker | None = None
+        self._lease: tuple[Backend, Lease] | None = None
         self._cancelled = False
 
-    def attach(self, worker: Worker) -> bool:
+    def attach(self, backend: Backend, lease: Lease) -> bool:
         with self._lock:
-            self._worker = worker
+            self._lease = (backend, lease)
             return not self._cancelled
 
     def detach(self) -> None:
         with self._lock:
-            self._worker = None
+            self._lease = None
 
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
-            worker = self._worker
-        if worker is not None:
-            worker.kill("cancelled")
+            held = self._lease
+        if held is not None:
+            held[0].abort(held[1], "cancelled")
 
 
 class Session:
@@ -115,8 +107,10 @@ class Session:
                  *, replay: str | os.PathLike[str] | None = None, prespawn: int = 2,
                  max_workers_per_tool: int = 2, worker_user: str | int | None = "auto",
                  watchdog_interval_s: float = 0.05,
-                 trace_result_bytes: int = 1024 * 1024, async_threads: int = 16) -> None:
-        from failcore import presets
+                 trace_result_bytes: int = 1024 * 1024, async_threads: int = 16,
+                 backend: Backend | None = None) -> None:
+        from failcore import __version__, presets
+        from failcore._local import LocalBackend
         from failcore._trace import TraceWriter
 
         if prespawn < 0 or max_workers_per_tool < 1 or async_threads < 1:
@@ -130,59 +124,36 @@ class Session:
         self._workers_named = 0
         self._closed = False
         self._local = threading.local()
-        self._max_workers = max_workers_per_tool
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._replay = Replayer(os.fspath(replay)) if replay is not None else None
         self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else NoTrace()
         self._observers: list[Observer] = []
         self._tracing = trace is not None
         self._trace_result_bytes = trace_result_bytes
-        from failcore import __version__
-
+        self._minter = TokenMinter()
         self._trace.record("session.start", None, {
             "failcore_version": __version__, "policy": getattr(self.policy, "name", None), "format": 1})
-        self._pool: Pool | None = None
-        self._watchdog: Watchdog | None = None
-        self._root: str | None = None
+        self._backend: Backend | None = None
         if self._replay is not None:
             return
-        self.privilege = privilege_plan(worker_user)
-        # tmpfs when there is one: a per-call directory costs ~10 us there, ~160 us on disk.
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
-        self._root = tempfile.mkdtemp(prefix="failcore-", dir=shm)
-        os.chmod(self._root, 0o711)
-        self._minter = TokenMinter()
-        self._implicit_read = self._implicit_reads()
-        # Only entries the worker may read: an import that misses would otherwise list a
-        # directory the guards refuse (and fail the call) even when the tool expects it.
-        self._worker_sys_path = [
-            p for p in sys.path
-            if p and any(under(os.path.realpath(p), r) for r in self._implicit_read)]
+        if backend is None:
+            backend = LocalBackend(prespawn=prespawn, max_workers_per_tool=max_workers_per_tool,
+                                   worker_user=worker_user, watchdog_interval_s=watchdog_interval_s)
         try:
-            self._pool = Pool(self._root, prespawn, self.privilege.uid,
-                              tuple(self._implicit_read))
-            self._watchdog = Watchdog(self._pool, watchdog_interval_s)
+            backend.start(self._minter.key)
         except BaseException:
-            self.close()
+            backend.close()
+            self._trace.close()
             raise
-        self._finalizer = weakref.finalize(self, Session._finalize, self._pool,
-                                           self._watchdog, self._root)
-        atexit.register(self._finalizer)
+        self._backend = backend
+        atexit.register(backend.close)  # workers never outlive the interpreter
 
     @property
-    def _zygote(self) -> Zygote | None:
-        return self._pool.zygote if self._pool is not None else None
+    def privilege(self) -> PrivilegePlan | None:
+        """Whether workers drop to an unprivileged uid, and why (local backend only)."""
+        return getattr(self._backend, "privilege", None)
 
     # ----------------------------------------------------------------- lifecycle
-    @staticmethod
-    def _finalize(pool: Pool | None, watchdog: Watchdog | None, root: str | None) -> None:
-        if watchdog is not None:
-            watchdog.stop()
-        if pool is not None:
-            pool.close()
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
-
     def close(self) -> None:
         """Stop every worker (killing their trees), remove scratch space, close the trace."""
         with self._lock:
@@ -191,11 +162,9 @@ class Session:
             self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        finalizer = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer()
-        else:
-            Session._finalize(self._pool, self._watchdog, self._root)
+        if self._backend is not None:
+            self._backend.close()
+            atexit.unregister(self._backend.close)
         self._trace.record("session.end", None, {"calls": self._calls})
         self._trace.close()
 
@@ -232,12 +201,16 @@ class Session:
         except Exception as exc:
             raise RegistrationError(f"{name}: the tool cannot be serialised for a worker: {exc}") from exc
         env_names = tuple(str(c).split(":", 1)[1] for c in granted if str(c).startswith("env:"))
+        spec = ToolSpec(name=name, isolation=metadata.effective_isolation, grants=grants,
+                        grants_bytes=parts.grants_bytes, limits=metadata.limits.to_wire(),
+                        blob=blob, env_names=env_names,
+                        may_spawn=bool(grants.exec) or grants.default != "block")
         with self._lock:
             if self._closed:
                 raise RegistrationError(f"{name}: the session is closed")
             if name in self._tools:
                 raise RegistrationError(f"tool {name!r} is already registered")
-            self._tools[name] = Tool(name, fn, metadata, caps, models, parts, blob, env_names)
+            self._tools[name] = Tool(name, fn, metadata, caps, models, parts, spec)
         self._trace.record("tool.register", None, {
             "tool": name, "risk_level": metadata.risk_level.value,
             "side_effects": sorted(e.value for e in metadata.side_effects),
@@ -298,7 +271,7 @@ class Session:
             self._calls += 1
         if tool is None and self._replay is None:
             known = ", ".join(sorted(self._tools)) or "none"
-            self._trace.record("call.start", call_id, {"tool": str(name)[:200], "args": {}})
+            self._trace.record("call.start", call_id, _start_body(str(name)[:200], {}))
             err = InputValidationError(f"unknown tool {str(name)[:200]!r}; registered tools: {known}")
             self._end(call_id, str(name)[:200], "invalid_input", None, err, time.monotonic())
             raise err
@@ -355,11 +328,8 @@ class Session:
         models = tool.models
         hidden = secret_values(tool, kwargs)
         trace = ScrubbingTrace(self._trace, hidden) if hidden else self._trace
-        start: dict[str, Any] = {"tool": tool.name, "args": models.redact(kwargs)}
-        context = current_context()
-        if context:
-            start["context"] = context
-        trace.record("call.start", call_id, start, plain=True)
+        trace.record("call.start", call_id, _start_body(tool.name, models.redact(kwargs)),
+                     plain=True)
         try:
             args = models.validate_input(kwargs)
         except InputValidationError as err:
@@ -435,45 +405,38 @@ class Session:
         for _ in range(3):
             if outcome.status != "undelivered":
                 return outcome
-            # Nothing ran, so another worker may take the request. A dead worker usually
-            # means a dead zygote: its other prespawned workers are dead too.
-            assert self._pool is not None
-            self._pool.replace_dead_zygote()
+            # Nothing ran, so another worker may take the request.
             outcome = self._dispatch_once(tool, call_id, call_frame)
         if outcome.status == "undelivered":
             outcome.status = "crashed"
         return outcome
 
     def _dispatch_once(self, tool: Tool, call_id: str, call_frame: bytes) -> Outcome:
-        assert self._pool is not None
-        worker, needs_init = self._acquire(tool)
+        backend = self._backend
+        assert backend is not None
+        lease = backend.lease(tool.spec)
+        worker = lease.worker
         reuse = False
         handle: _CallHandle | None = getattr(self._local, "handle", None)
         try:
-            if handle is not None and not handle.attach(worker):
+            if handle is not None and not handle.attach(backend, lease):
                 reuse = True  # cancelled before the request was sent: the worker is untouched
                 return Outcome(status="cancelled", error=CallCancelled(
                     f"{tool.name}: the call was cancelled by its caller before it started"))
-            frames = [call_frame]
-            if needs_init or tool.isolation == "call":
+            if lease.fresh:
                 with self._lock:  # named in call order, so equal runs give equal traces
                     self._workers_named += 1
                     worker.name = f"w{self._workers_named}"
-                if needs_init:
-                    frames.insert(0, self._init_frame(tool, worker))
                 self._trace.record("worker.spawn", call_id, {
                     "worker": worker.name, "isolation": tool.isolation, "pid": worker.pid})
                 # The init message (key, grants, environment, the tool) by type and size
                 # only. For a worker prepared ahead it was sent then; when is not recorded,
                 # so that equal runs give equal traces whatever the pool's timing.
                 self._trace.record("ipc.send", call_id, {
-                    "type": "init", "worker": worker.name,
-                    "bytes": len(frames[0]) if needs_init else worker.extra.get("init_bytes", 0)},
-                    plain=True)
+                    "type": "init", "worker": worker.name, "bytes": lease.init_bytes}, plain=True)
             self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(call_frame),
                                                      "worker": worker.name}, plain=True)
-            outcome = _dispatch.exchange(self._pool, worker, tool.name, frames,
-                                         tool.limits.timeout_s, tool.limits.output_bytes)
+            outcome = backend.exchange(lease, call_frame)
             reuse = outcome.reuse
             if outcome.recv_kind is not None:
                 self._trace.record("ipc.recv", call_id, {"type": outcome.recv_kind,
@@ -484,92 +447,5 @@ class Session:
         finally:
             if handle is not None:
                 handle.detach()
-            self._release(tool, worker, reuse)
+            backend.release(lease, reuse)
         return outcome
-
-    def _acquire(self, tool: Tool) -> tuple[Worker, bool]:
-        assert self._pool is not None
-        if tool.isolation == "call":
-            ready = self._pool.take_ready(tool.name)
-            if ready is not None:
-                return ready, False
-            # From now on keep workers of this tool initialised ahead of its calls: a
-            # fresh call then costs one round trip, not a lock-down and a load.
-            self._pool.want_ready(tool.name, functools.partial(self._init_frame, tool))
-            return self._pool.take(), True
-        with tool.cond:
-            while not tool.free:
-                if tool.count < self._max_workers:
-                    tool.count += 1
-                    break
-                tool.cond.wait()
-            else:
-                return tool.free.pop(), False
-        try:
-            worker = self._pool.take()
-        except BaseException:
-            with tool.cond:
-                tool.count -= 1
-                tool.cond.notify()
-            raise
-        worker.tool = tool.name
-        worker.isolation = "tool"
-        return worker, True
-
-    def _release(self, tool: Tool, worker: Worker, reuse: bool) -> None:
-        assert self._pool is not None
-        if tool.isolation == "call":
-            self._pool.retire(worker)
-            return
-        if reuse and tool.may_spawn:
-            # A call's processes do not outlive the call, in a warm worker too.
-            for pid in descendants(worker.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        with tool.cond:
-            if reuse and not worker.dead and not self._closed:
-                tool.free.append(worker)
-            else:
-                tool.count -= 1
-                self._pool.retire(worker)
-            tool.cond.notify()
-
-    def _init_frame(self, tool: Tool, worker: Worker) -> bytes:
-        return protocol.encode("init", self._init_body(tool, worker))
-
-    def _init_body(self, tool: Tool, worker: Worker) -> dict[str, Any]:
-        env = dict(MINIMAL_ENV, HOME=worker.base_dir, TMPDIR=worker.base_dir)
-        for pattern in tool.env_names:
-            if pattern.endswith("*"):
-                env.update({k: v for k, v in os.environ.items() if k.startswith(pattern[:-1])})
-            elif pattern in os.environ:
-                env[pattern] = os.environ[pattern]
-        worker.extra["grants"] = tool.parts.grants
-        worker.extra["memory_mb"] = tool.limits.memory_mb
-        worker.extra["processes"] = tool.limits.processes
-        return {
-            "key": self._minter.key, "tool": tool.name, "grants_obj": tool.parts.grants,
-            "grants_bytes": tool.parts.grants_bytes, "limits": tool.parts.limits, "env": env,
-            "base_dir": worker.base_dir, "sys_path": self._worker_sys_path,
-            "isolation": tool.isolation, "uid": self.privilege.uid, "gid": self.privilege.gid,
-            "implicit_read": self._implicit_read, "tool_blob": tool.blob,
-        }
-
-    @staticmethod
-    def _implicit_reads() -> list[str]:
-        import sysconfig
-
-        # The interpreter's own trees only: other sys.path entries (the script's directory,
-        # the cwd under -m, a project checkout) may hold anything, ~/.ssh included.
-        trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
-        trees = {os.path.realpath(p) for p in trees if p}
-        paths = set(trees)
-        paths.update(p for p in map(os.path.realpath, filter(None, sys.path))
-                     if any(under(p, t) for t in trees))
-        paths.update(_SYSTEM_READ)
-        paths.add(os.path.dirname(os.path.abspath(protocol.__file__)))  # the worker package
-        return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
-
-

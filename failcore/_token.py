@@ -28,14 +28,14 @@ class ToolGrants:
     """A tool's grants and limits, encoded once."""
 
     grants: Grants
-    limits: dict[str, object]
+    limits: protocol.LimitsWire
     grants_bytes: bytes
     tail: bytes
     grants_wire: dict[str, object]
     grants_sha256: str
 
     @classmethod
-    def build(cls, grants: Grants, limits: dict[str, object]) -> ToolGrants:
+    def build(cls, grants: Grants, limits: protocol.LimitsWire) -> ToolGrants:
         wire = grants.to_wire()
         grants_bytes = protocol.canonical_json(wire)
         tail = b"\n" + grants_bytes + b"\n" + protocol.canonical_json(limits)

@@ -9,19 +9,19 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 import types
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
+from failcore._backend import ToolSpec
 from failcore._capabilities import PUBLIC, Capability, NetConnect
 from failcore._errors import RegistrationError, ToolFailed
 from failcore._metadata import DefaultPolicy, RiskLevel, SideEffect, ToolMetadata
 from failcore._token import ToolGrants
 from failcore._validation import ToolModels
-from failcore._workers import Worker
+from failcore_worker.rules import env_matches
 
 TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 
@@ -31,28 +31,22 @@ _MIN_SECRET = 4
 
 
 class Tool:
-    """A registered tool. ``free``/``count`` (under ``cond``) are its warm workers: idle
-    ones, and how many exist; ``may_spawn`` says whether its calls can start processes
-    (then a warm worker's descendants are killed after each call)."""
+    """A registered tool: what the parent checks (``models``, ``parts``) and what a backend
+    runs (``spec``)."""
 
     def __init__(self, name: str, fn: Callable[..., Any], metadata: ToolMetadata,
                  caps: tuple[Capability, ...], models: ToolModels, parts: ToolGrants,
-                 blob: bytes, env_names: tuple[str, ...]) -> None:
+                 spec: ToolSpec) -> None:
         self.name = name
         self.fn = fn
         self.metadata = metadata
         self.caps = caps
         self.models = models
         self.parts = parts
-        self.blob = blob
-        self.env_names = env_names
+        self.spec = spec
+        self.env_names = spec.env_names
         self.limits = metadata.limits
-        self.isolation = metadata.effective_isolation
-        grants = parts.grants
-        self.may_spawn = bool(grants.exec) or grants.default != "block"
-        self.cond = threading.Condition()
-        self.free: list[Worker] = []
-        self.count = 0
+        self.isolation = spec.isolation
 
 
 def ship(fn: Callable[..., Any]) -> bytes:
@@ -143,11 +137,8 @@ def secret_values(tool: Tool, kwargs: dict[str, Any]) -> list[str]:
             # components too.
             hidden.extend(p for p in re.split(r"[/\\]", value) if len(p) >= _MIN_SECRET)
     for pattern in tool.env_names:
-        prefix = pattern[:-1] if pattern.endswith("*") else None
-        for key, value in os.environ.items():
-            if (key.startswith(prefix) if prefix is not None else key == pattern) \
-                    and len(value) >= _MIN_SECRET:
-                hidden.append(value)
+        hidden.extend(v for k, v in os.environ.items()
+                      if env_matches(pattern, k) and len(v) >= _MIN_SECRET)
     return sorted(set(hidden), key=len, reverse=True)
 
 _EXAMPLE = {

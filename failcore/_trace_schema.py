@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from pydantic import ValidationError as PydanticValidationError
 
 from failcore._errors import TraceError
+from failcore_worker.protocol import GuardEvent
 
 FORMAT_VERSION = 1
 
@@ -162,20 +163,23 @@ class IpcBody(_Open):
     bytes: int = Field(ge=0)
 
 
-class GuardBody(_Strict):
-    """A guarded operation the worker reported (``failcore_worker.rules.GuardEvent``)."""
+def _from_typeddict(name: str, source: type, doc: str) -> type[_Strict]:
+    """A strict body model with exactly the keys of a protocol TypedDict: the writer's
+    type is the reader's, so mypy and the trace check the same shape."""
+    hints = get_type_hints(source)
+    fields: dict[str, Any] = {
+        key: (hint, ...) if key in source.__required_keys__ else (hint | None, None)  # type: ignore[attr-defined]
+        for key, hint in hints.items()}
+    model: type[_Strict] = create_model(name, __base__=_Strict, __doc__=doc, **fields)
+    return model
 
-    op: str
-    action: Action
-    rule: str
-    reason: str
-    target: str | None = None
-    host: str | None = None
-    port: int | None = None
-    names: list[str] | None = None
-    path: str | None = None
-    write: bool | None = None
-    program: str | None = None
+
+if TYPE_CHECKING:
+    GuardBody = _Strict
+else:
+    GuardBody = _from_typeddict(
+        "GuardBody", GuardEvent,
+        "A guarded operation and its verdict (``failcore_worker.protocol.GuardEvent``).")
 
 
 class CallEndBody(_Strict):
@@ -196,15 +200,6 @@ class WorkerKillBody(_Strict):
     worker: str
     reason: str
     pid: int | None
-
-
-class WorkerExitBody(_Strict):
-    worker: str
-    exitcode: int | None
-
-
-class CallTimeoutBody(_Strict):
-    timeout_s: float
 
 
 class SessionEndBody(_Strict):
@@ -291,16 +286,6 @@ class WorkerKill(_Record):
     body: WorkerKillBody
 
 
-class WorkerExit(_Record):
-    kind: Literal["worker.exit"]
-    body: WorkerExitBody
-
-
-class CallTimeout(_Record):
-    kind: Literal["call.timeout"]
-    body: CallTimeoutBody
-
-
 class SessionEnd(_Record):
     kind: Literal["session.end"]
     body: SessionEndBody
@@ -309,7 +294,7 @@ class SessionEnd(_Record):
 _MODELS: tuple[type[_Record], ...] = (
     SessionStart, ToolRegister, CallStart, ValidateInput, PolicyPrecheck, PolicyGrants,
     TokenMint, IpcSend, IpcRecv, Guard, ValidateOutput, CallEnd, WorkerSpawn, WorkerKill,
-    WorkerExit, CallTimeout, SessionEnd,
+    SessionEnd,
 )
 
 KINDS: frozenset[str] = frozenset(
@@ -319,7 +304,7 @@ KINDS: frozenset[str] = frozenset(
 TraceRecord = Annotated[
     SessionStart | ToolRegister | CallStart | ValidateInput | PolicyPrecheck | PolicyGrants
     | TokenMint | IpcSend | IpcRecv | Guard | ValidateOutput | CallEnd | WorkerSpawn
-    | WorkerKill | WorkerExit | CallTimeout | SessionEnd,
+    | WorkerKill | SessionEnd,
     Field(discriminator="kind"),
 ]
 

@@ -116,7 +116,7 @@ class ToolModels:
         try:
             instance = self.input_model.model_validate(kwargs)
         except PydanticValidationError as exc:
-            error = self._input_error(exc)
+            error = self.input_error(exc)
         else:
             return self._to_kwargs(instance)
         # Raised outside the except block: pydantic's error (which shows the input values,
@@ -188,7 +188,10 @@ class ToolModels:
 
     # -- errors -----------------------------------------------------------------------------
 
-    def _input_error(self, exc: PydanticValidationError) -> InputValidationError:
+    def input_error(self, exc: PydanticValidationError) -> InputValidationError:
+        """The error :meth:`validate_input` raises for ``exc`` (a failed validation of
+        ``input_model``): every bad argument named, a secret argument's value never shown.
+        Integrations whose framework validates with the same model word its errors so."""
         parts: list[str] = []
         errors: list[dict[str, object]] = []
         unexpected: list[str] = []

@@ -25,17 +25,18 @@ from failcore_worker import rules
 
 def violation(worker: Worker, proc: psutil.Process) -> tuple[str, str] | None:
     """(reason, detail) when the worker breaks its grants as seen from outside, else None."""
-    grants: rules.Grants | None = worker.extra.get("grants")
-    if grants is None:
+    spec = worker.spec
+    if spec is None:
         return None
-    limit = int(worker.extra.get("memory_mb", 0)) * 1024 * 1024
+    grants = spec.grants
+    limit = spec.limits["memory_mb"] * 1024 * 1024
     rss = proc.memory_info().rss
     if limit and rss > limit:
         return "memory", f"resident memory {rss // (1024 * 1024)} MB > memory_mb={limit // (1024 * 1024)}"
     children = descendants(worker.pid)
     if children and (not grants.exec or grants.deny_exec) and grants.default == "block":
         return "exec", f"child process {children[0]} with no proc:exec granted"
-    most = int(worker.extra.get("processes", 0))
+    most = spec.limits["processes"]
     if most and len(children) > most:
         return "processes", f"{len(children)} descendant processes > processes={most}"
     for conn in proc.net_connections(kind="inet"):
@@ -102,9 +103,9 @@ class Watchdog:
 
             for worker in self._pool.busy_workers(busy):
                 try:
-                    proc = worker.extra.get("proc")
+                    proc = worker.proc
                     if proc is None:
-                        proc = worker.extra["proc"] = psutil.Process(worker.pid)
+                        proc = worker.proc = psutil.Process(worker.pid)
                     found = violation(worker, proc)
                 except (psutil.Error, ValueError):
                     continue

@@ -16,33 +16,43 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
 
 from failcore._errors import WorkerCrashed
 from failcore._zygote import Zygote
-from failcore_worker import _tree, protocol
+from failcore_worker import _tree
+
+if TYPE_CHECKING:
+    from failcore._backend import ToolSpec
 
 
 @dataclass(eq=False)
 class Worker:
+    """A worker process and the parent's end of its channel.
+
+    ``spec``: the tool it locked down for (None while idle); ``pending_init``: its ``init``
+    frame when the next exchange must send it first; ``busy_since``: set while a call is in
+    flight (the watchdog looks only at those); ``proc``: the watchdog's psutil handle.
+    """
+
     pid: int
     chan: socket.socket
     base_dir: str
     name: str
+    zygote: Zygote | None = None
     tool: str | None = None
     isolation: str = "call"
+    spec: ToolSpec | None = None
     dead: bool = False
     kill_reason: str | None = None
     kill_detail: str = ""
-    calls: int = 0
     busy_since: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def send(self, kind: str, body: dict[str, Any]) -> int:
-        return protocol.send(self.chan, kind, body)
+    init_bytes: int = 0
+    pending_init: bytes | None = None
+    proc: psutil.Process | None = None
 
     def kill(self, reason: str, detail: str = "") -> None:
         """Kill the worker and every process below it. Safe from any thread, idempotent."""
@@ -120,8 +130,8 @@ class Pool:
         pid, chan = self._fork(warm_up)
         with self._lock:
             self._counter += 1
-            worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}")
-            worker.extra["zygote"] = self.zygote
+            worker = Worker(pid=pid, chan=chan, base_dir=base, name=f"w{self._counter}",
+                            zygote=self.zygote)
             self._all.add(worker)
         return worker
 
@@ -160,9 +170,6 @@ class Pool:
                     self._cleanup.append(worker)
         self._refill.set()
 
-    def zygote_died(self) -> bool:
-        return self.zygote.proc.poll() is not None
-
     def _maintain(self) -> None:
         while True:
             self._refill.wait()
@@ -177,7 +184,6 @@ class Pool:
                     if job:
                         frame = self._builders[job](worker)
                         worker.chan.sendall(frame)
-                        worker.extra["init_bytes"] = len(frame)
                 except Exception:  # noqa: BLE001 - surfaced by the next take()
                     break
                 with self._lock:

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` lives at the repo root
 
-from benchmarks import _anchor, _baselines, _failcore_bench, _runner  # noqa: E402
+from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _runner  # noqa: E402
 from benchmarks._report import bounds_section, checks, profile_notes  # noqa: E402
 from benchmarks._timing import Row, Unavailable, percentile  # noqa: E402
 
@@ -126,3 +126,14 @@ def test_runner_end_to_end() -> None:
     assert "| target | measured | result |" in stdout
     for heading in ("## Results", "## Targets", "## What bounds it"):
         assert heading in md
+
+
+def test_brokered_connect() -> None:
+    rows = _broker_bench.measure_connect(5, 1)
+    if isinstance(rows, Unavailable):
+        pytest.skip(f"brokered connect not measurable here: {rows.reason}")
+    assert [r.key for r in rows] == ["connect_direct", "connect_brokered", "resolve_direct",
+                                     "resolve_brokered"]
+    for r in rows:
+        _ok(r, "µs")
+    assert "x (+" in rows[1].note

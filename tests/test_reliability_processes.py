@@ -252,7 +252,7 @@ def test_session_recovers_after_the_zygote_is_killed(run: TracedSession, isolati
     s = run.session
     s.register("pid", own_pid, ToolMetadata(isolation=isolation))  # type: ignore[arg-type]
     first = s.call("pid")
-    zygote = s._zygote.proc.pid  # type: ignore[union-attr]
+    zygote = s._backend._pool.zygote.proc.pid  # type: ignore[union-attr]
     os.kill(zygote, signal.SIGKILL)
     assert not wait_gone([zygote, first]), "workers die with their zygote (PDEATHSIG)"
     failed: list[WorkerCrashed] = []
@@ -268,5 +268,5 @@ def test_session_recovers_after_the_zygote_is_killed(run: TracedSession, isolati
     # on a worker that is dying at that very moment.
     assert len(failed) <= 1, failed
     assert all(call_within(s, "pid", 30) > 0 for _ in range(3))
-    assert s._zygote.proc.pid != zygote  # type: ignore[union-attr]
+    assert s._backend._pool.zygote.proc.pid != zygote  # type: ignore[union-attr]
     run.finish()

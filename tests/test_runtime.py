@@ -339,7 +339,7 @@ def test_workers_exit_when_the_parent_dies(tmp_path) -> None:  # type: ignore[no
         s = Session()
         s.register("pid", lambda: os.getpid(), ToolMetadata(isolation="tool"))
         s.register("hang", lambda: time.sleep(60), ToolMetadata(isolation="call"))
-        print(s.call("pid"), s._root, flush=True)
+        print(s.call("pid"), s._backend._root, flush=True)
         import threading
         threading.Thread(target=lambda: s.call("hang"), daemon=True).start()
         time.sleep(60)

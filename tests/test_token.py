@@ -29,11 +29,16 @@ def warm(tmp_path) -> Iterator[tuple[Session, Any, Any]]:  # type: ignore[no-unt
             capabilities=[f"fs:read:{tmp_path}"]))
         assert s.call("read", path=str(tmp_path / "a.txt")) == "A"
         tool = s._tools["read"]
-        yield s, tool, tool.free[0]
+        lease = s._backend.lease(tool.spec)
+        assert not lease.fresh
+        try:
+            yield s, tool, lease.handle
+        finally:
+            s._backend.release(lease, False)
 
 
 def _ask(worker: Any, token: bytes, mac: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    worker.send("call", {"token": token, "mac": mac, "args": args})
+    worker.chan.sendall(protocol.encode("call", {"token": token, "mac": mac, "args": args}))
     return _wire.decode(protocol.recv_frame(worker.chan))
 
 
@@ -123,3 +128,14 @@ def test_token_header_is_canonical_json() -> None:
     assert token.split(b"\n")[0] == protocol.canonical_json(header)
     assert header["call_id"] == 'c"1\\' and header["tool"] == "to\u00e9l"
     assert json.loads(token.split(b"\n")[1]) == Grants().to_wire()
+
+
+def test_limits_other_than_the_lock_down_are_refused_even_when_signed(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Limits travel one route: applied at lock-down and signed into every token; a token
+    # carrying other limits (say, a longer timeout) is refused, not silently ignored.
+    s, tool, worker = warm
+    looser = dict(tool.parts.limits, memory_mb=tool.parts.limits["memory_mb"] * 4)
+    parts = ToolGrants.build(tool.parts.grants, looser)  # type: ignore[arg-type]
+    token, mac = s._minter.mint("x10", "read", parts, 5)
+    kind, body = _ask(worker, token, mac, {"path": str(tmp_path / "a.txt")})
+    assert body["kind"] == "token" and "limits differ" in body["message"]

@@ -99,7 +99,7 @@ def test_two_runs_differ_only_in_volatile_fields(tmp_path: Path) -> None:
             w.record("worker.spawn", "c000001", {"worker": "w", "isolation": "call", "pid": pid})
             w.record("call.end", "c000001", {"tool": "x", "status": "ok", "result": [1],
                                              "error": None, "duration_ms": ms})
-            w.record("worker.exit", "c000001", {"worker": "w", "exitcode": pid % 3})
+            w.record("worker.kill", "c000001", {"worker": "w", "reason": "retired", "pid": pid})
         return read_trace(path)
 
     a = run(tmp_path / "a.jsonl", 101, 1.5)

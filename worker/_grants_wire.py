@@ -74,19 +74,13 @@ def _net_within(inner: rules.NetRule, outer: rules.NetRule, small: rules.Grants,
     return _net_match.rule_within(inner.host, outer.host, small.block_ranges, big.block_ranges)
 
 
-def _env_within(inner: str, outer: str) -> bool:
-    if outer.endswith("*"):
-        return inner.startswith(outer[:-1])
-    return inner == outer
-
-
 def is_subset(small: rules.Grants, big: rules.Grants) -> bool:
     return (
         all(any(_net_within(r, o, small, big) for o in big.net) for r in small.net)
         and all(any(rules.under(r.path, o.path) and (o.write or not r.write) for o in big.fs)
                 for r in small.fs)
         and set(small.exec) <= set(big.exec)
-        and all(any(_env_within(e, o) for o in big.env) for e in small.env)
+        and all(any(rules.env_matches(o, e) for o in big.env) for e in small.env)
         and rules._RANK[small.default] <= rules._RANK[big.default]
         and (small.block_ranges or not big.block_ranges)
         and (small.deny_exec or not big.deny_exec)

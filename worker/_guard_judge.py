@@ -12,11 +12,12 @@ import errno
 import os
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 from failcore_worker import rules
 from failcore_worker._guard_names import NameBook
-from failcore_worker.rules import Grants, GuardEvent, Verdict
+from failcore_worker.protocol import GuardEvent, GuardSubject
+from failcore_worker.rules import Grants, Verdict
 
 MAX_EVENTS = 10_000
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -62,7 +63,8 @@ state = State()
 local = Local()
 
 
-def decide(verdict: Verdict, event: GuardEvent, quiet: bool = False) -> None:
+def decide(verdict: Verdict, subject: GuardSubject, quiet: bool = False) -> None:
+    event = cast(GuardEvent, subject)  # completed in place: this runs inside the audit hook
     if not quiet:
         if len(state.events) < MAX_EVENTS:
             event["action"], event["rule"], event["reason"] = (

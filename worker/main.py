@@ -42,6 +42,7 @@ class _State:
         self.grants_bytes = b""
         self.grant_cache: dict[bytes, Grants] = {}
         self.limits: dict[str, Any] = {}
+        self.limits_bytes = b""
         self.base_dir = ""
         self.init_error: dict[str, Any] | None = None
         self.seen_calls: set[str] = set()
@@ -92,6 +93,7 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
     state.grants = body["grants_obj"]  # the Grants object itself: from_wire costs ~100 us
     state.grant_cache = {state.grants_bytes: state.grants}
     state.limits = body["limits"]
+    state.limits_bytes = protocol.canonical_json(state.limits)
     state.base_dir = body["base_dir"]
     os.chdir(state.base_dir)
     os.environ.clear()
@@ -169,7 +171,7 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
     if not protocol.verify(state.key, token, body["mac"]):
         return _error(protocol.ERR_TOKEN, None, "capability token does not verify (bad MAC)")
     try:
-        header, grants_bytes, _limits = protocol.split_token(token)
+        header, grants_bytes, limits_bytes = protocol.split_token(token)
     except ValueError as exc:
         return _error(protocol.ERR_TOKEN, None, f"capability token is malformed: {exc}")
     call_id = header.get("call_id")
@@ -180,6 +182,10 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
         return _error(protocol.ERR_TOKEN, None, f"token call id {call_id!r} was already used")
     if int(header.get("expires_ms", 0)) < time.time() * 1000:
         return _error(protocol.ERR_TOKEN, None, "capability token has expired")
+    if limits_bytes != state.limits_bytes:
+        # The limits are signed into the token and applied at lock-down: one route, checked.
+        return _error(protocol.ERR_TOKEN, None,
+                      "token limits differ from the limits this worker locked down with")
     grants = state.grant_cache.get(grants_bytes)
     if grants is None:
         assert state.grants is not None

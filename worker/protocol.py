@@ -13,22 +13,33 @@ Worker -> parent:
   ("result", {"value": obj, "events": [GuardEvent], "retire": bool})
   ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...]})
 
+The socket broker (issue 16): a confined worker has no network, so while a call runs its
+socket factory asks the parent. Worker -> parent, as JSON data frames (``encode_data``):
+  ("broker.resolve", BrokerResolve)   a name lookup: getaddrinfo, gethostbyaddr, getnameinfo
+  ("broker.connect", BrokerConnect)   a TCP connect from the tool's socket
+Parent -> worker, a pickle frame (``encode``) whose first bytes carry the descriptor:
+  ("broker.reply", BrokerReply)       with ``fd`` True, one descriptor rides ``SCM_RIGHTS``
+
 The capability token is ``header \\n grants \\n limits`` (three canonical JSON documents)
 with an HMAC-SHA256 under the per-session key; the grants and limits parts are the same
 bytes for every call of a tool, which lets both sides cache their encoding and parsing.
 """
 
-from __future__ import annotations
-
+import array
 import hashlib
 import hmac
 import json
+import os
 import pickle
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
+
+if TYPE_CHECKING:
+    from failcore_worker.rules import Grants
 
 HEADER = struct.Struct("!I")
+_FD = array.array("i")
 PICKLE_PROTOCOL = 5
 MAX_CONTROL_FRAME = 64 * 1024 * 1024
 
@@ -40,6 +51,161 @@ ERR_MEMORY = "memory"  # MemoryError / RLIMIT_AS
 ERR_RESOURCE = "resource"  # another rlimit (file size, open files, CPU)
 ERR_UNPICKLABLE = "unpicklable"  # the result (or arguments) could not be pickled
 ERR_INIT = "init"  # lock-down or loading the tool failed
+
+BROKER_RESOLVE = "broker.resolve"
+BROKER_CONNECT = "broker.connect"
+BROKER_REPLY = "broker.reply"
+# A broker request is a few short fields; anything longer is not one (the parent refuses it
+# unread). Reply frames are bounded by the parent (a capped address list).
+MAX_BROKER_REQUEST = 4096
+MAX_BROKER_REPLY = 64 * 1024
+# What a well-formed request may hold. The worker's factory never sends anything else
+# (it raises what libc would, locally); the parent reports anything else as a violation.
+BROKER_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
+BROKER_SOCKTYPES = (0, int(socket.SOCK_STREAM), int(socket.SOCK_DGRAM), int(socket.SOCK_RAW))
+BROKER_MAX_HOST = 255  # longer than any DNS name can be, in any spelling that resolves
+BROKER_MAX_SERVICE = 32
+# Plain ints: ``~`` of an IntFlag keeps only the flag's own bits, hiding unknown ones.
+BROKER_AI_FLAGS = int(socket.AI_PASSIVE | socket.AI_CANONNAME | socket.AI_NUMERICHOST
+                      | socket.AI_V4MAPPED | socket.AI_ALL | socket.AI_ADDRCONFIG
+                      | socket.AI_NUMERICSERV)
+BROKER_NI_FLAGS = int(socket.NI_NOFQDN | socket.NI_NUMERICHOST | socket.NI_NAMEREQD
+                      | socket.NI_NUMERICSERV | socket.NI_DGRAM)
+
+
+class BrokerResolve(TypedDict):
+    """``broker.resolve``: a lookup the tool asked for, judged and done by the parent.
+
+    ``op`` "getaddrinfo": ``host``, ``port`` (number, service name or None), ``family``,
+    ``type``, ``proto``, ``flags`` as the tool passed them. "gethostbyaddr": ``host`` (an
+    address, or a name resolved first). "getnameinfo": ``host`` (an address), ``port``,
+    ``flags`` (NI_*). Fields an op does not use are 0 / None.
+    """
+
+    id: int
+    op: Literal["getaddrinfo", "gethostbyaddr", "getnameinfo"]
+    host: str
+    port: int | str | None
+    family: int
+    type: int
+    proto: int
+    flags: int
+
+
+class BrokerConnect(TypedDict):
+    """``broker.connect``: the tool's AF_INET/AF_INET6 stream socket connects to ``host``
+    (an address, or a name the parent resolves itself), ``port``; IPv6 extras as given."""
+
+    id: int
+    family: int
+    proto: int
+    host: str
+    port: int
+    flowinfo: int
+    scope_id: int
+
+
+class BrokerReply(TypedDict, total=False):
+    """``broker.reply``, answering the request with the same ``id``.
+
+    Exactly one outcome: ``denied`` (a policy refusal: ``rule``, ``reason``, ``message``),
+    ``gai`` / ``herror`` (a resolver error code and ``message``), ``errno`` (the connect
+    failed at once), or success: ``addrinfo`` (getaddrinfo tuples), ``hostent``
+    (gethostbyaddr), ``nameinfo`` (getnameinfo) or, for a connect, ``fd`` True: a
+    descriptor rides this frame; ``in_progress`` says the connect is still under way (the
+    worker waits for it at most ``wait_s``, the call's remaining time). ``exhausted``: the
+    call used up its broker budget; the worker stops asking until the next call.
+    """
+
+    id: int
+    denied: bool
+    rule: str
+    reason: str
+    message: str
+    gai: int
+    herror: int
+    errno: int
+    addrinfo: list[tuple[int, int, int, str, tuple[Any, ...]]]
+    hostent: tuple[str, list[str], list[str]]
+    nameinfo: tuple[str, str]
+    fd: bool
+    in_progress: bool
+    wait_s: float
+    exhausted: bool
+
+
+Action = Literal["allow", "warn", "block"]
+
+
+class GuardSubject(TypedDict):
+    """What a guarded operation acts on: ``op`` ("net.connect", "net.resolve", "net.bind",
+    "fs.open", "fs.modify", "proc.exec", "proc.kill", "ctypes", ...) and its target."""
+
+    op: str
+    target: NotRequired[str]
+    host: NotRequired[str]
+    port: NotRequired[int]
+    names: NotRequired[list[str]]
+    path: NotRequired[str]
+    write: NotRequired[bool]
+    program: NotRequired[str]
+
+
+class GuardEvent(GuardSubject):
+    """A guarded operation and its verdict, reported to the parent and written to the trace
+    (the trace's ``guard`` body and the re-judge keys are derived from this class).
+
+    ``observed``: "worker" (reported by the worker: a hostile tool can lie in it) or
+    "parent" (seen by the parent itself); absent means "worker".
+    """
+
+    action: Action
+    rule: str
+    reason: str
+    observed: NotRequired[Literal["worker", "parent"]]
+
+
+class LimitsWire(TypedDict):
+    """``failcore.Limits`` as it travels: in the init message and signed into each token."""
+
+    timeout_s: float
+    memory_mb: int
+    cpu_s: int
+    file_size_mb: int
+    open_files: int
+    output_bytes: int
+    processes: int
+
+
+class InitBody(TypedDict):
+    """parent -> worker ``init``: lock down to these grants, then load the tool.
+
+    ``grants_obj`` is the Grants object itself (parsing ``grants_bytes`` costs ~100 us);
+    ``grants_bytes`` is the token's grants part, byte for byte. ``uid``/``gid``: drop to them
+    when the worker is root. ``implicit_read``: directories every worker may read.
+    """
+
+    key: bytes
+    tool: str
+    grants_obj: "Grants"
+    grants_bytes: bytes
+    limits: LimitsWire
+    env: dict[str, str]
+    base_dir: str
+    sys_path: list[str]
+    isolation: str
+    uid: int | None
+    gid: int | None
+    implicit_read: list[str]
+    tool_blob: bytes
+
+
+class CallBody(TypedDict):
+    """parent -> worker ``call``: the signed token and the validated arguments."""
+
+    token: bytes
+    mac: str
+    args: dict[str, Any]
 
 
 class FrameTooLarge(Exception):
@@ -126,6 +292,50 @@ def decode_data(payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
 
 def recv(sock: socket.socket, limit: int = MAX_CONTROL_FRAME) -> tuple[str, dict[str, Any]]:
     return decode(recv_frame(sock, limit))
+
+
+def send_with_fd(sock: socket.socket, frame: bytes, fd: int | None) -> None:
+    """Send ``frame`` whole; ``fd`` (if any) rides its first bytes as ``SCM_RIGHTS``."""
+    if fd is None:
+        sock.sendall(frame)
+        return
+    sent = socket.send_fds(sock, [frame], [fd])
+    if sent < len(frame):
+        sock.sendall(memoryview(frame)[sent:])
+
+
+def recv_frame_fds(sock: socket.socket, limit: int = MAX_CONTROL_FRAME,
+                   max_fds: int = 1) -> tuple[bytes | bytearray, list[int]]:
+    """``recv_frame`` that also takes the descriptors riding the header, close-on-exec.
+
+    ``recvmsg`` with MSG_CMSG_CLOEXEC, not ``socket.recv_fds``: before 3.12 that helper
+    drops its ``flags``, leaving received descriptors inheritable by a tool's children.
+    More than ``max_fds`` are never kept (the kernel closes what does not fit). Raises like
+    ``recv_frame``; descriptors already received are closed first.
+    """
+    head = b""
+    fds: list[int] = []
+    room = socket.CMSG_LEN(max_fds * _FD.itemsize)
+    try:
+        while len(head) < HEADER.size:
+            data, ancillary, _, _ = sock.recvmsg(HEADER.size - len(head), room,
+                                                 socket.MSG_CMSG_CLOEXEC)
+            for level, kind, blob in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(blob[: len(blob) - len(blob) % got.itemsize])
+                    fds.extend(got)
+            if not data:
+                raise PeerClosed("channel closed before a frame header")
+            head += data
+        (size,) = HEADER.unpack(head)
+        if size > limit:
+            raise FrameTooLarge(size, limit)
+        return _recv_exact(sock, size), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def sign(key: bytes, token: bytes) -> str:

@@ -11,7 +11,7 @@ net_safe's containment rule) in ``_net_match``, the wire format and subset order
 INTERFACE CONTRACT (other modules code against these names; keep them stable):
   Verdict, NetRule, FsRule, Grants, GuardEvent
   parse_ip, special_range, is_public, check_connect, check_host, check_resolve,
-  check_address, check_path, check_exec, env_allowed
+  check_address, check_path, check_exec, env_matches
   (helpers for the guards: check_resolved_path, real_path, RULE_IMPLICIT_READ, RULE_SCRATCH,
   RULE_LITERAL; for warnings: covers_address, blocked_inside, PUBLIC)
 """
@@ -26,7 +26,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 from urllib.parse import unquote
 
 from failcore_worker import _grants_wire
@@ -40,12 +40,13 @@ from failcore_worker._net_match import (
     is_address_rule,
     rule_target,
 )
+from failcore_worker.protocol import GuardEvent
 
 __all__ = [
     "Action", "IPAddress", "Verdict", "NetRule", "FsRule", "Grants", "GuardEvent",
     "parse_ip", "special_range", "is_public", "check_connect", "check_host", "check_resolve",
     "check_address", "check_path", "check_resolved_path", "real_path", "check_exec",
-    "env_allowed", "covers_address", "blocked_inside", "PUBLIC", "RULE_IMPLICIT_READ",
+    "env_matches", "covers_address", "blocked_inside", "PUBLIC", "RULE_IMPLICIT_READ",
     "RULE_SCRATCH", "RULE_LITERAL",
 ]
 
@@ -143,25 +144,6 @@ class Grants:
         ``implicit_read`` is not compared: the worker fills it in itself.
         """
         return _grants_wire.is_subset(self, other)
-
-
-class GuardEvent(TypedDict, total=False):
-    """A guarded operation the worker saw, reported to the parent and written to the trace.
-
-    op: "net.connect" | "net.resolve" | "net.bind" | "fs.open" | "fs.modify" | "proc.exec" | "ctypes"
-    """
-
-    op: str
-    target: str
-    host: str
-    port: int
-    names: list[str]
-    path: str
-    write: bool
-    program: str
-    action: Action
-    rule: str
-    reason: str
 
 
 
@@ -478,6 +460,10 @@ def check_exec(grants: Grants, program: str) -> Verdict:
                     f"proc:exec:{resolved or program}")
 
 
-def env_allowed(grants: Grants, name: str) -> bool:
-    """True when the variable ``name`` is granted (``env:NAME`` or ``env:PREFIX_*``)."""
-    return any(name.startswith(g[:-1]) if g.endswith("*") else name == g for g in grants.env)
+def env_matches(pattern: str, name: str) -> bool:
+    """True when ``env:PATTERN`` grants the variable ``name`` (``NAME`` or ``PREFIX_*``).
+
+    The one home of environment-pattern matching: the worker's environment, the secret
+    scrubber, the subset order and capability intersection all ask here.
+    """
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern

@@ -31,7 +31,6 @@ import signal
 import socket
 import ssl  # noqa: F401
 import subprocess  # noqa: F401
-import sys
 import urllib.request  # noqa: F401
 
 import cloudpickle  # noqa: F401
@@ -188,6 +187,3 @@ def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...]
         children.add(pid)
         ctl.send(pickle.dumps(("forked", worker_id, pid)))
 
-
-if __name__ == "__main__":
-    serve(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
