@@ -50,13 +50,12 @@ from failcore._broker_lookup import (
     LookupTimeout,
     Resolver,
     SystemResolver,
-    check_resolve,
     reverse_name,
 )
 from failcore_worker import protocol, rules
 from failcore_worker._guard_names import NameBook
 from failcore_worker.protocol import GuardEvent
-from failcore_worker.rules import Grants, Verdict
+from failcore_worker.rules import Grants, Verdict, check_resolve
 
 __all__ = ["Broker", "BrokerAnswer", "BrokerLimits", "send_answer", "serve"]
 

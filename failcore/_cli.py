@@ -208,13 +208,18 @@ def _cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     newly_blocked = [f for f in findings if f.newly_blocked]
     newly_allowed = [f for f in findings if f.newly_allowed]
     name = getattr(policy, "name", args.policy)
+    from failcore._grant_warnings import trace_grant_warnings
+
+    warnings = trace_grant_warnings(records, policy)
     if args.json:
         _dump({"trace": args.trace, "policy": str(name), "policy_file": args.policy,
                "would_block": len(blocked), "newly_blocked": len(newly_blocked),
-               "newly_allowed": len(newly_allowed),
+               "newly_allowed": len(newly_allowed), "warnings": warnings,
                "findings": [f.to_json() for f in findings]}, out)
     else:
         out.write(f"re-judging {args.trace} under policy {_one_line(name)} ({args.policy})\n")
+        for w in warnings:
+            out.write(f"warning: {_one_line(w, 1000)}\n")
         tool_w = max((len(_one_line(f.tool)) for f in findings), default=4)
         for f in findings:
             tag = "NEW" if f.newly_blocked else ("ALLOWED NOW" if f.newly_allowed else "")
@@ -309,7 +314,10 @@ def _cmd_policy_check(args: argparse.Namespace, out: TextIO) -> int:
     if problems:
         out.write(f"FAILED: {path}: {len(problems)} problem(s)\n")
         return EXIT_FAILED
-    out.write(f"OK: {path}\n")
+    warnings = _policy_warnings(path)
+    for w in warnings:
+        out.write(f"warning: {_one_line(w, 1000)}\n")
+    out.write(f"OK: {path}" + (f" ({len(warnings)} warning(s))" if warnings else "") + "\n")
     return EXIT_OK
 
 
@@ -340,6 +348,17 @@ def _cmd_policy_explain(args: argparse.Namespace, out: TextIO) -> int:
             indent = line[: len(line) - len(line.lstrip(" "))]
             out.write(indent + _one_line(line, 2000) + "\n")
     return EXIT_FAILED if explanation.verdict == "block" else EXIT_OK
+
+
+def _policy_warnings(path: str) -> list[str]:
+    """Things worth a second look in a policy file that loads (they do not fail it)."""
+    from failcore._grant_warnings import policy_warnings
+    from failcore._policy import load_policy
+
+    try:
+        return policy_warnings(load_policy(path), path)
+    except (FailCoreError, OSError, UnicodeDecodeError):
+        return []
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -386,8 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
             "anything: every argument pre-check and every operation the workers reported. "
             "Lists everything the policy would block (marking what the original run let "
             "through) and what the original run blocked that the policy would allow. Exit "
-            "code 1 when the policy would block anything. Without --policy, lists the "
-            "decisions the recorded run made.")
+            "code 1 when the policy would block anything. Warns about recorded grants that "
+            "contain ranges net_safe blocks (e.g. net:connect:0.0.0.0/0, which under net_safe "
+            "reaches only its public part). Without --policy, lists the decisions the "
+            "recorded run made.")
     p.add_argument("trace", metavar="TRACE", help="the trace file (JSONL)")
     p.add_argument("--policy", metavar="FILE", help="policy file (TOML) to re-judge under")
     p.add_argument("--json", action="store_true", help="machine-readable findings")
@@ -412,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="check a policy file for problems", formatter_class=fmt, epilog=EPILOG,
         description=textwrap.fill("Parse the policy file FILE (and the files it includes) and report every "
         "problem: unknown keys, wrong types, capability strings that do not parse, roots that "
-        "cannot compose. Exit code 1 when problems are found.", 88))
+        "cannot compose. Exit code 1 when problems are found. Also warns (exit code 0) about "
+        "allow entries that contain ranges net_safe blocks, such as net:connect:0.0.0.0/0: "
+        "under net_safe such a grant reaches only its public part.", 88))
     pc.add_argument("file", metavar="FILE", help="the policy file (TOML)")
     pc.set_defaults(func=_cmd_policy_check)
     pe = psub.add_parser(

@@ -30,12 +30,11 @@ from failcore._capabilities import (
     FsRead,
     FsWrite,
     ProcExec,
-    covers,
-    meet,
     parse_capabilities,
     parse_capability,
     to_rules,
 )
+from failcore._capability_meet import covers, meet
 from failcore._errors import PolicyError
 from failcore._metadata import DefaultPolicy
 from failcore._policy_tables import TABLES, read_tables
@@ -258,11 +257,17 @@ class Policy:
         return kept, None
 
     def grants(
-        self, caps: Iterable[str | Capability], default: DefaultPolicy | str = DefaultPolicy.BLOCK
+        self, caps: Iterable[str | Capability], default: DefaultPolicy | str = DefaultPolicy.BLOCK,
+        defaults: Iterable[str | Capability] = (),
     ) -> Grants:
-        """The ``Grants`` for a tool holding ``caps`` with ``default`` under this policy."""
+        """The ``Grants`` for a tool holding ``caps`` with ``default`` under this policy.
+
+        ``defaults``: which of ``caps`` a side effect's default added (``net:connect:public``
+        for NETWORK without a net capability); their rules are marked as defaults.
+        """
         granted, _ = self.intersect(caps)
-        net, fs, exe, env = to_rules(granted)
+        marked = self.intersect(defaults)[0] if defaults else ()
+        net, fs, exe, env = to_rules(granted, frozenset(marked))
         enforce = not self.warn_only
         return Grants(
             net=net, fs=fs, exec=exe, env=env,
@@ -340,10 +345,7 @@ def _judge_event(event: GuardEvent, grants: Grants) -> Verdict:
             return rules.check_connect(grants, host.strip("[]"), port, event.get("names", []))
         return rules.check_host(grants, host, port)
     if op == "net.resolve":
-        verdict = rules.check_host(grants, event.get("host", ""), int(event.get("port", 0)))
-        if verdict.action == "block" and verdict.rule.startswith("net_safe"):
-            return verdict
-        return Verdict("allow", "rejudge: resolution", "names are judged at connect time")
+        return rules.check_resolve(grants, event.get("host", ""), int(event.get("port", 0)))
     if op in ("fs.open", "fs.modify"):
         write = op == "fs.modify" or bool(event.get("write", False))
         return rules.check_path(grants, event.get("path", ""), write)

@@ -155,10 +155,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> TraceSummary:
         elif kind == "tool.register":
             name = str(body.get("tool", "?"))
             last_tool = name
+            # Side effects' defaults are shown as such, so an audit tells them from grants
+            # the tool asked for ("fs:scratch" names no capability, only the default).
+            defaults = [str(d) for d in body.get("defaults") or []]
+            caps = [str(c) for c in body.get("capabilities") or []]
+            shown = [f"{c} (default)" if c in defaults else c for c in caps]
+            shown += [f"{d} (default)" for d in defaults if d not in caps]
             tools[name] = ToolSummary(
                 name, str(body.get("risk_level", "?")), list(body.get("side_effects") or []),
                 str(body.get("default_policy", "?")), str(body.get("isolation", "?")),
-                list(body.get("capabilities") or []), dict(body.get("limits") or {}),
+                shown, dict(body.get("limits") or {}),
             )
             continue
         if not isinstance(cid, str):

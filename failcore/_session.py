@@ -205,12 +205,13 @@ class Session:
         metadata = metadata if metadata is not None else ToolMetadata()
         if not isinstance(metadata, ToolMetadata):
             raise RegistrationError(f"{name}: metadata must be a ToolMetadata, got {type(metadata).__name__}")
-        caps = parse_capabilities(metadata.capabilities)
-        check_invariants(name, metadata, caps)
+        declared = parse_capabilities(metadata.capabilities)
+        added, defaults = check_invariants(name, metadata, declared)
+        caps = declared + added
         models = build_models(name, fn, input_model=metadata.input_model,
                               output_model=metadata.output_model, secret=metadata.secret,
                               description=metadata.description)
-        grants = self.policy.grants(caps, metadata.default_policy)
+        grants = self.policy.grants(caps, metadata.default_policy, added)
         granted, refused = self.policy.intersect(caps)
         parts = ToolGrants.build(grants, metadata.limits.to_wire())
         try:
@@ -236,6 +237,7 @@ class Session:
             "default_policy": DefaultPolicy(metadata.default_policy).value,
             "capabilities": [str(c) for c in caps], "limits": metadata.limits.to_wire(),
             "isolation": metadata.effective_isolation,
+            **({"defaults": list(defaults)} if defaults else {}),
         })
         self._trace.record("policy.grants", None, {
             "tool": name, "granted": [str(c) for c in granted],

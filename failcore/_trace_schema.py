@@ -116,6 +116,9 @@ class ToolRegisterBody(_Strict):
     capabilities: list[str]
     limits: LimitsBody
     isolation: Isolation
+    # Side effects' defaults (SPEC section 3): "net:connect:public" (also in capabilities)
+    # for NETWORK with no net capability, "fs:scratch" for FILESYSTEM with no fs one.
+    defaults: list[str] | None = None
 
 
 class CallStartBody(_Strict):

@@ -6,11 +6,14 @@ an outside observer could act, and polling every call would tax the hot path. It
 resident memory against ``memory_mb``, child processes when no ``proc:exec`` is granted,
 open inet connections to a blocked special range or when no network is granted, and the
 number of descendants against ``Limits.processes`` (root ignores RLIMIT_NPROC).
+Connections are judged with ``rules.check_address``: the guards' own decision (net_safe's
+containment rule, ``public``), wherever it does not depend on names.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import functools
+import socket
 import threading
 import time
 
@@ -39,14 +42,46 @@ def violation(worker: Worker, proc: psutil.Process) -> tuple[str, str] | None:
     for conn in proc.net_connections(kind="inet"):
         if not conn.raddr:
             continue
-        ip, port = conn.raddr.ip, conn.raddr.port
-        if not grants.net and grants.default == "block":
-            return "net", f"connection to {ip}:{port} with no net:connect granted"
-        if grants.block_ranges and rules.special_range(ipaddress.ip_address(ip)) is not None:
-            verdict = rules.check_connect(grants, ip, port)
-            if verdict.action == "block":
-                return "net", f"connection to {ip}:{port}: {verdict.reason} [rule: {verdict.rule}]"
+        found = connection_violation(grants, conn.raddr.ip, conn.raddr.port,
+                                     conn.type == socket.SOCK_DGRAM)
+        if found is not None:
+            return "net", found
     return None
+
+
+def connection_violation(grants: rules.Grants, ip: str, port: int, udp: bool = False) -> str | None:
+    """Why an open connection breaks ``grants`` as seen from outside, or None.
+
+    Judged by ``rules.check_address``: the same decision the guards make, minus what
+    needs the names that resolved to the address (a name capability may cover it). The
+    C resolver's own queries (UDP to a nameserver in /etc/resolv.conf, port 53) are the
+    runtime's, not the tool's: a lookup the guards allowed.
+    """
+    if udp and port == 53 and ip in _nameservers():
+        return None
+    if not grants.net and grants.default == "block":
+        return f"connection to {ip}:{port} with no net:connect granted"
+    verdict = rules.check_address(grants, ip, port)
+    if verdict is None or verdict.action != "block":
+        return None
+    return f"connection to {ip}:{port}: {verdict.reason} [rule: {verdict.rule}]"
+
+
+@functools.lru_cache(maxsize=1)
+def _nameservers() -> frozenset[str]:
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return frozenset()
+    found = set()
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            ip = rules.parse_ip(words[1])
+            if ip is not None:
+                found.add(str(ip))
+    return frozenset(found)
 
 
 class Watchdog:

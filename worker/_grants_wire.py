@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from failcore_worker import rules
+from failcore_worker import _net_match, rules
 
 _WIRE_KEYS = frozenset({"net", "fs", "exec", "env", "default", "block_ranges", "fs_root",
                         "deny_exec", "implicit_read"})
@@ -67,25 +67,16 @@ def grants_fields(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _net_within(inner: rules.NetRule, outer: rules.NetRule) -> bool:
+def _net_within(inner: rules.NetRule, outer: rules.NetRule, small: rules.Grants,
+                big: rules.Grants) -> bool:
     if not (outer.port_lo <= inner.port_lo and inner.port_hi <= outer.port_hi):
         return False
-    ikind, inets, iname = rules._rule_target(inner.host)
-    okind, onets, oname = rules._rule_target(outer.host)
-    if okind == "any":
-        return True
-    if okind == "net":
-        return ikind == "net" and any(
-            i.version == o.version and i.subnet_of(o)  # type: ignore[arg-type]
-            for i in inets[:1] for o in onets)
-    if okind == "suffix":
-        return ikind in ("name", "suffix") and (iname.endswith(oname) and iname != oname[1:])
-    return ikind == "name" and iname == oname
+    return _net_match.rule_within(inner.host, outer.host, small.block_ranges, big.block_ranges)
 
 
 def is_subset(small: rules.Grants, big: rules.Grants) -> bool:
     return (
-        all(any(_net_within(r, o) for o in big.net) for r in small.net)
+        all(any(_net_within(r, o, small, big) for o in big.net) for r in small.net)
         and all(any(rules.under(r.path, o.path) and (o.write or not r.write) for o in big.fs)
                 for r in small.fs)
         and set(small.exec) <= set(big.exec)

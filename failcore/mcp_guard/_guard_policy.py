@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from failcore._capabilities import Capability, Env, NetConnect, ProcExec, covers, parse_capability
+from failcore._capabilities import Capability, Env, NetConnect, ProcExec, parse_capability
+from failcore._capability_meet import covers
 from failcore._errors import PolicyError
 from failcore._policy import Policy, policy_from_table
 from failcore_worker.rules import Grants

@@ -34,10 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from failcore._broker_lookup import check_resolve
 from failcore_worker import rules
 from failcore_worker.protocol import GuardEvent
-from failcore_worker.rules import Grants, Verdict
+from failcore_worker.rules import Grants, Verdict, check_resolve
 
 __all__ = ["EgressProxy", "ProxyLimits"]
 
