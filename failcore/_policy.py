@@ -351,6 +351,8 @@ def _judge_event(event: GuardEvent, grants: Grants) -> Verdict:
         return rules.check_path(grants, event.get("path", ""), write)
     if op == "proc.exec":
         return rules.check_exec(grants, event.get("program", ""))
+    if op == "proc.fork":
+        return rules.check_fork(grants)
     return Verdict(
         event.get("action", "block"),
         event.get("rule", f"rejudge: no policy rule for {op!r}"),

@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from failcore_worker import rules
-from failcore_worker.rules import Grants, Verdict
+from failcore_worker.rules import Grants, Verdict, worse
 
 MAX_DEPTH = 64
 MAX_NODES = 10_000
@@ -47,7 +47,6 @@ _DEFAULT_PORTS = {
     "imap": 143, "pop3": 110, "redis": 6379, "telnet": 23, "tftp": 69, "git": 9418,
     "mysql": 3306, "postgres": 5432, "postgresql": 5432, "mongodb": 27017, "amqp": 5672,
 }
-_RANK = {"allow": 0, "warn": 1, "block": 2}
 _MAX_DECODINGS = 4
 _C0_AND_SPACE = "".join(map(chr, range(0x21)))
 
@@ -148,7 +147,7 @@ def judge_string(grants: Grants, text: str, cwd: str | None = None) -> Verdict |
     worst: Verdict | None = None
     for candidate in _decodings(text):
         if _looks_like_path(candidate) and (fs_tool or _has_traversal(candidate)):
-            worst = _worse(worst, _judge_path(grants, candidate, cwd))
+            worst = worse(worst, _judge_path(grants, candidate, cwd))
     return worst
 
 
@@ -169,10 +168,6 @@ def _decodings(text: str) -> list[str]:
             break
         forms.append(decoded)
     return forms
-
-
-def _worse(a: Verdict | None, b: Verdict) -> Verdict:
-    return b if a is None or _RANK[b.action] > _RANK[a.action] else a
 
 
 def _has_traversal(text: str) -> bool:
@@ -203,7 +198,7 @@ def _judge_file_url(grants: Grants, rest: str, cwd: str | None) -> Verdict:
         path = "/" + path[2:].partition("/")[2]  # drop the (local) host part
     worst: Verdict | None = None
     for decoded in _decodings(path)[1:] or [path]:  # a file: URL is decoded at least once
-        worst = _worse(worst, _judge_path(grants, decoded or "/", cwd))
+        worst = worse(worst, _judge_path(grants, decoded or "/", cwd))
     assert worst is not None
     return worst
 
@@ -223,8 +218,7 @@ def _judge_url(grants: Grants, scheme: str, rest: str) -> Verdict:
     worst: Verdict | None = None
     for url in sorted(readings):
         verdict = _judge_authority(grants, scheme, url)
-        if worst is None or _RANK[verdict.action] > _RANK[worst.action]:
-            worst = verdict
+        worst = worse(worst, verdict)
     assert worst is not None
     return worst
 

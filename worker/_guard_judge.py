@@ -78,9 +78,7 @@ def decide(verdict: Verdict, subject: GuardSubject, quiet: bool = False) -> None
 
 
 def default(what: str, add: str) -> Verdict:
-    g = state.grants
-    rule = f"default_policy={g.default.upper()}"
-    return Verdict(g.default, rule, what if g.default == "allow" else f"{what}; add {add}")
+    return rules.default_verdict(state.grants, what, add)
 
 
 def _fd_path(fd: int) -> str | None:

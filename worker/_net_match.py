@@ -1,6 +1,6 @@
 """What one ``net:connect`` rule covers: addresses, names, and other rules.
 
-Private to ``failcore_worker.rules`` (and ``_grants_wire``, which orders rules by what they
+Private to ``failcore_worker.rules`` (and ``grants``, which orders rules by what they
 cover). Two decisions live here, once, because every layer asks them (the worker's
 guards, the parent's pre-check, the watchdog and ``failcore replay --policy`` all judge
 through ``rules.check_connect`` / ``check_host``, which call ``covers_address``):

@@ -5,13 +5,14 @@ same code, so a URL refused before dispatch is refused for the same reason at
 connect time. Nothing here does I/O except resolving paths (``os.path.realpath`` in
 ``check_path``, a PATH lookup in ``check_exec``); never DNS. Standard library only.
 IP parsing and range tables live in ``_addresses``, what one net rule covers (``public``,
-net_safe's containment rule) in ``_net_match``, the wire format and subset order in
-``_grants_wire``.
+net_safe's containment rule) in ``_net_match``, the ``Grants`` type with its wire format
+and subset order in ``grants`` (re-exported here). One home per decision: the worker's
+guards, the parent's pre-check, the socket broker, the watchdog and replay all call these.
 
 INTERFACE CONTRACT (other modules code against these names; keep them stable):
   Verdict, NetRule, FsRule, Grants, GuardEvent
   parse_ip, special_range, is_public, check_connect, check_host, check_resolve,
-  check_address, check_path, check_exec, env_matches
+  check_address, check_path, check_exec, check_fork, default_verdict, env_matches, worse
   (helpers for the guards: check_resolved_path, real_path, RULE_IMPLICIT_READ, RULE_SCRATCH,
   RULE_LITERAL; for warnings: covers_address, blocked_inside, PUBLIC)
 """
@@ -24,12 +25,9 @@ import re
 import shutil
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal
 from urllib.parse import unquote
 
-from failcore_worker import _grants_wire
 from failcore_worker._addresses import is_public, parse_ip, special_range
 from failcore_worker._net_match import (
     PUBLIC,
@@ -40,6 +38,17 @@ from failcore_worker._net_match import (
     is_address_rule,
     rule_target,
 )
+from failcore_worker.grants import (
+    SEVERITY,
+    Action,
+    FsRule,
+    Grants,
+    NetRule,
+    Verdict,
+    env_matches,
+    under,
+    worse,
+)
 from failcore_worker.protocol import GuardEvent
 
 __all__ = [
@@ -47,104 +56,16 @@ __all__ = [
     "parse_ip", "special_range", "is_public", "check_connect", "check_host", "check_resolve",
     "check_address", "check_path", "check_resolved_path", "real_path", "check_exec",
     "env_matches", "covers_address", "blocked_inside", "PUBLIC", "RULE_IMPLICIT_READ",
-    "RULE_SCRATCH", "RULE_LITERAL",
+    "RULE_SCRATCH", "RULE_LITERAL", "SEVERITY", "under", "worse", "default_verdict",
+    "check_fork",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Action = Literal["allow", "warn", "block"]
 
 # Rules of the verdicts for the worker's own, routine file access; the guards leave
 # these out of the trace so it shows what the tool did, not what the import system did.
 RULE_IMPLICIT_READ = "implicit read"
 RULE_SCRATCH = "scratch dir"
-
-_RANK = {"block": 0, "warn": 1, "allow": 2}
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One decision. ``rule`` names the rule that decided, ``reason`` says what to change."""
-
-    action: Action
-    rule: str
-    reason: str
-
-    @property
-    def allowed(self) -> bool:
-        return self.action != "block"
-
-
-@dataclass(frozen=True)
-class NetRule:
-    """One ``net:connect:HOST[:PORT]`` grant. ``host``: lowercase DNS name, ``*.suffix``,
-    an IP literal, a CIDR, ``public`` (globally routable addresses) or ``public@CIDR``
-    (the public part of a block). ``source``: the capability string, naming the rule."""
-
-    host: str
-    port_lo: int = 0
-    port_hi: int = 65535
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class FsRule:
-    """One ``fs:read:PATH`` / ``fs:write:PATH`` grant; ``path`` is absolute and normalised."""
-
-    path: str
-    write: bool
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class Grants:
-    """Everything a worker may do for one call (or, for a warm worker, at most).
-
-    ``default``: what an operation no capability covers gets. ``block_ranges``: the
-    net_safe rule (special IP ranges refused unless a NetRule lying inside the range
-    names it by IP or CIDR; a rule merely containing one covers only its public part).
-    ``fs_root``: fs_safe confinement. ``deny_exec``: strict(): no subprocess at all.
-    ``implicit_read``: directories the worker may always read (stdlib, site-packages,
-    DNS/TLS configuration), filled in by the worker at lock-down.
-    """
-
-    net: tuple[NetRule, ...] = ()
-    fs: tuple[FsRule, ...] = ()
-    exec: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
-    default: Action = "block"
-    block_ranges: bool = False
-    fs_root: str | None = None
-    deny_exec: bool = False
-    implicit_read: tuple[str, ...] = field(default=(), compare=False)
-
-    def to_wire(self) -> dict[str, Any]:
-        """A plain, JSON-serialisable dict (used in tokens and the trace)."""
-        return {
-            "net": [{"host": r.host, "port_lo": r.port_lo, "port_hi": r.port_hi,
-                     "source": r.source} for r in self.net],
-            "fs": [{"path": r.path, "write": r.write, "source": r.source} for r in self.fs],
-            "exec": list(self.exec),
-            "env": list(self.env),
-            "default": self.default,
-            "block_ranges": self.block_ranges,
-            "fs_root": self.fs_root,
-            "deny_exec": self.deny_exec,
-            "implicit_read": list(self.implicit_read),
-        }
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> Grants:
-        """The inverse of ``to_wire``. Raises ValueError on anything malformed or unknown:
-        grants decide what a worker may do, so nothing is guessed."""
-        return cls(**_grants_wire.grants_fields(data))
-
-    def is_subset_of(self, other: Grants) -> bool:
-        """True when every right in ``self`` is also in ``other`` (rights only shrink).
-
-        ``implicit_read`` is not compared: the worker fills it in itself.
-        """
-        return _grants_wire.is_subset(self, other)
-
 
 
 
@@ -183,7 +104,9 @@ def _allow(rule: NetRule, what: str) -> Verdict:
     return Verdict("allow", f"capability {source}", f"{what} is covered by {source}")
 
 
-def _default(grants: Grants, what: str, add: str) -> Verdict:
+def default_verdict(grants: Grants, what: str, add: str) -> Verdict:
+    """What an operation no capability covers gets: the tool's ``default_policy``.
+    ``what`` says what was asked, ``add`` the capability that would grant it."""
     if grants.default == "allow":
         return Verdict("allow", "default_policy=ALLOW", f"{what}; allowed by the tool's default")
     rule = "default_policy=BLOCK" if grants.default == "block" else "default_policy=WARN"
@@ -246,7 +169,7 @@ def check_connect(grants: Grants, ip: str, port: int, names: Sequence[str] = ())
     if public and special is not None:
         shown += (f"; {_source(public[0])} covers only public addresses and this one is in "
                   f"{special[0]} ({special[1]})")
-    return _default(grants, f"no capability covers {target} ({shown})",
+    return default_verdict(grants, f"no capability covers {target} ({shown})",
                     f"net:connect:{clean[0] if clean else _cap_host(addr)}:{port}")
 
 
@@ -325,7 +248,7 @@ def check_host(grants: Grants, host: str, port: int) -> Verdict:
                        "covers only if it is public")
     note = (f" ({_source(public[0])} covers public addresses, and {h} is internal or not a "
             "valid address)" if public else "")
-    return _default(grants, f"no capability covers {hp}{note}", f"net:connect:{h}:{port}")
+    return default_verdict(grants, f"no capability covers {hp}{note}", f"net:connect:{h}:{port}")
 
 
 # Rule of the verdict on resolving an address literal: no query is sent, nothing to record.
@@ -365,11 +288,6 @@ def check_resolve(grants: Grants, name: str, port: int) -> Verdict:
 # Grant paths are resolved once per process and pinned: the worker warms this cache
 # before tool code runs, so a symlink planted later at a granted path cannot widen it.
 _resolve_base = lru_cache(maxsize=2048)(os.path.realpath)
-
-
-def under(path: str, base: str) -> bool:
-    """True when ``path`` is ``base`` or below it (plain string test on resolved paths)."""
-    return path == base or path.startswith(base if base.endswith("/") else base + "/")
 
 
 def real_path(path: str, cwd: str | None = None, follow_symlinks: bool = True) -> str | None:
@@ -421,9 +339,9 @@ def check_resolved_path(grants: Grants, real: str, write: bool,
                 return Verdict("allow", f"capability {source}", f"{verb} {what} is covered by {source}")
             read_only = rule
     if read_only is not None:
-        return _default(grants, f"{read_only.source or 'fs:read:' + read_only.path} does not grant "
+        return default_verdict(grants, f"{read_only.source or 'fs:read:' + read_only.path} does not grant "
                         f"writing {what}", f"fs:write:{real}")
-    return _default(grants, f"no capability covers {verb} {what}",
+    return default_verdict(grants, f"no capability covers {verb} {what}",
                     f"fs:{cap}:{real} (or a directory above it)")
 
 
@@ -456,14 +374,17 @@ def check_exec(grants: Grants, program: str) -> Verdict:
             return Verdict("allow", f"capability proc:exec:{granted}",
                            f"{program} is covered by proc:exec:{granted}")
     shown = program if resolved in (None, program) else f"{program} ({resolved})"
-    return _default(grants, f"no capability covers running {shown}",
-                    f"proc:exec:{resolved or program}")
+    return default_verdict(grants, f"no capability covers running {shown}",
+                           f"proc:exec:{resolved or program}")
 
 
-def env_matches(pattern: str, name: str) -> bool:
-    """True when ``env:PATTERN`` grants the variable ``name`` (``NAME`` or ``PREFIX_*``).
+def check_fork(grants: Grants) -> Verdict:
+    """Judge a bare ``fork``: only a tool that may run programs may fork."""
+    if grants.deny_exec:
+        return Verdict("block", "strict: exec denied", "strict() denies fork and every subprocess")
+    if grants.exec:
+        return Verdict("allow", "fork: exec granted", "the tool may run subprocesses")
+    return default_verdict(grants, "no capability covers fork (only proc:exec grants may fork)",
+                           "proc:exec:PROGRAM for the program the child runs")
 
-    The one home of environment-pattern matching: the worker's environment, the secret
-    scrubber, the subset order and capability intersection all ask here.
-    """
-    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
