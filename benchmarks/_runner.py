@@ -27,6 +27,8 @@ from benchmarks import (
     _failcore_bench,
     _kernel_bench,
     _mcp_bench,
+    _mcp_guard_bench,
+    _scan_bench,
 )
 from benchmarks._report import bounds_section, checks, checks_table, profile_notes, table
 from benchmarks._timing import Row, Unavailable
@@ -53,6 +55,7 @@ class Sizes:
     anchor: int
     broker: int = 300
     mcp: int = 0  # 0: not measured (the MCP server needs the mcp extra)
+    scan: int = 2000  # scans of the small result (the per-KB rows take n // 50)
     kernel_warm: int = 20
     kernel_fresh: int = 10
     kernel_fresh_sparse: int = 4
@@ -72,7 +75,7 @@ FULL = Sizes(direct_batches=300, direct_per_batch=10_000, pipe=20_000, pools=500
              leftover=10_000, starts=10)
 QUICK = Sizes(direct_batches=30, direct_per_batch=2000, pipe=800, pools=400, python_start=10,
               warm=800, warm_sparse=30, fresh=150, fresh_sparse=60, warm_tput=1600,
-              fresh_tput=120, anchor=400, broker=300, mcp=200, kernel_warm=800,
+              fresh_tput=120, anchor=400, broker=300, mcp=200, scan=200, kernel_warm=800,
               kernel_fresh=100, kernel_fresh_sparse=60, kernel_cold=40, leftover=1000, starts=3)
 
 
@@ -163,12 +166,18 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
     c.run("idle_memory", "idle worker memory", _failcore_bench.measure_idle_memory)
     c.run("connect_brokered", "brokered vs direct loopback connect",
           lambda: _broker_bench.measure_connect(sizes.broker, max(10, sizes.broker // 10)))
+    c.run("scan", "secret/PII scan", lambda: _scan_bench.measure_scan(sizes.scan))
+    c.run("warm_small_scan", "warm call with a small dict, scan on/off",
+          lambda: _scan_bench.measure_call_with_scan(sizes.warm, w))
     if anchor is not None:
         c.run("anchor_traced", f"anchor failcore=={_anchor.ANCHOR_VERSION}",
               lambda: _measure_anchor(anchor, sizes.anchor, max(10, sizes.anchor // 10)))
     if sizes.mcp:
         c.run("mcp_stdio", "MCP over stdio vs direct call",
               lambda: _mcp_bench.measure_mcp(sizes.mcp, max(10, sizes.mcp // 10)))
+        # The guard's per-call cost vs the same server called directly (same run).
+        c.run("mcp_guard", "MCP guard vs the server directly",
+              lambda: _mcp_guard_bench.measure_guard(sizes.mcp, max(10, sizes.mcp // 10)))
     return c.rows
 
 
@@ -181,7 +190,7 @@ def _measure_anchor(anchor: str, n: int, warmup: int) -> Row | Unavailable:
 
 def _order(rows: list[Row | Unavailable]) -> list[Row | Unavailable]:
     """Latency rows first (fastest first), then throughput, memory and trace size."""
-    rank = {"µs": 0, "calls/s": 1, "MB": 2, "B": 3}
+    rank = {"µs": 0, "µs/KB": 1, "calls/s": 2, "MB": 3, "B": 4}
 
     def key(r: Row | Unavailable) -> tuple[int, float]:
         if isinstance(r, Unavailable):
@@ -226,6 +235,10 @@ def render(rows: list[Row | Unavailable], meta: dict[str, str]) -> tuple[str, st
         "## MCP server",
         "",
         _mcp_bench.summary(measured),
+        "",
+        "## MCP guard (a third-party server, confined)",
+        "",
+        _mcp_guard_bench.summary(measured),
         "",
         "## Targets",
         "",

@@ -11,6 +11,8 @@ from __future__ import annotations
 __version__ = "0.2.0"
 
 from failcore import presets
+from failcore._approval import ApprovalDecision, ApprovalRequest
+from failcore._budgets import Budget
 from failcore._capabilities import (
     Capability,
     Env,
@@ -22,8 +24,10 @@ from failcore._capabilities import (
 )
 from failcore._confinement import Confinement
 from failcore._errors import (
+    BudgetExceeded,
     CallCancelled,
     CapabilityError,
+    ConfinementRefused,
     ConfinementUnavailable,
     FailCoreError,
     InputValidationError,
@@ -43,16 +47,24 @@ from failcore._errors import (
 from failcore._metadata import DefaultPolicy, Limits, RiskLevel, SideEffect, ToolMetadata
 from failcore._policy import Policy, load_policy
 from failcore._recording import call_context
+from failcore._scan import Scan
+from failcore._scan_rules import EntropyRule
 from failcore._session import Session
 from failcore._validation import Secret
 
 __all__ = [
+    "ApprovalDecision",
+    "ApprovalRequest",
+    "Budget",
+    "BudgetExceeded",
     "CallCancelled",
     "Capability",
     "CapabilityError",
     "Confinement",
+    "ConfinementRefused",
     "ConfinementUnavailable",
     "DefaultPolicy",
+    "EntropyRule",
     "Env",
     "FailCoreError",
     "FsRead",
@@ -69,6 +81,7 @@ __all__ = [
     "ReplayMismatch",
     "ResourceLimitExceeded",
     "RiskLevel",
+    "Scan",
     "Secret",
     "SecurityError",
     "Session",

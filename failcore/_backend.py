@@ -94,6 +94,7 @@ class Outcome:
     recv_kind: str | None = None
     recv_bytes: int = 0
     reuse: bool = True
+    cpu_s: float = 0.0  # CPU the worker reported for the call (0 when it did not answer)
 
 
 class Backend(Protocol):
@@ -132,6 +133,7 @@ def interpret(tool: str, kind: str, body: dict[str, Any], out: Outcome) -> Outco
     """Fill ``out`` from a worker's reply ``(kind, body)``: the same for every backend."""
     out.recv_kind = kind
     out.events = list(body.get("events") or [])
+    out.cpu_s = _cpu_seconds(body.get("cpu_s"))
     if kind == "result":
         out.value = body.get("value")
         out.reuse = not body.get("retire", False)
@@ -166,3 +168,10 @@ def interpret(tool: str, kind: str, body: dict[str, Any], out: Outcome) -> Outco
             remote_type=rtype, remote_message=message,
             remote_traceback=str(body.get("traceback", "")))
     return out
+
+
+def _cpu_seconds(value: Any) -> float:
+    """The worker's CPU report, distrusted: a finite number of seconds, else 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return 0.0
+    return min(float(value), 1e6)

@@ -50,17 +50,15 @@ from failcore._broker_lookup import (
     LookupTimeout,
     Resolver,
     SystemResolver,
-    check_resolve,
     reverse_name,
 )
 from failcore_worker import protocol, rules
 from failcore_worker._guard_names import NameBook
 from failcore_worker.protocol import GuardEvent
-from failcore_worker.rules import Grants, Verdict
+from failcore_worker.rules import Grants, Verdict, check_resolve, worse
 
 __all__ = ["Broker", "BrokerAnswer", "BrokerLimits", "send_answer", "serve"]
 
-_RANK = {"allow": 0, "warn": 1, "block": 2}
 _FAMILIES = protocol.BROKER_FAMILIES
 # A worker told its budget is spent may have a few requests in flight (threads); past
 # this many more it is ignoring the reply.
@@ -298,9 +296,7 @@ class Broker:
     def _judge(self, decide: Any) -> Verdict:
         verdict: Verdict = decide(self.grants)
         if self.enforced is not None and self.enforced is not self.grants:
-            other: Verdict = decide(self.enforced)
-            if _RANK[other.action] > _RANK[verdict.action]:
-                verdict = other
+            verdict = worse(verdict, decide(self.enforced))
         return verdict
 
     def _spend(self, what: str, events: list[GuardEvent], host: str, port: int) -> None:

@@ -2,10 +2,10 @@
 
 A DNS query is a data channel of its own (the name reaches whoever serves its zone), so
 the broker judges a lookup before making it, with the decision the worker's guards use
-(``check_resolve``), and a reverse lookup as the forward lookup of its PTR name. Lookups
-run on a few daemon threads so that the broker can give up when the call's time is up:
-``getaddrinfo`` has no timeout of its own, and a hung resolver must not hold the parent's
-exchange loop. A lookup it gave up on finishes (or hangs) on its thread; past
+(``failcore_worker.rules.check_resolve``, called by ``_broker``), and a reverse lookup as
+the forward lookup of its PTR name. Lookups run on a few daemon threads so that the
+broker can give up when the call's time is up: ``getaddrinfo`` has no timeout of its
+own, and a hung resolver must not hold the parent's exchange loop. A lookup it gave up on finishes (or hangs) on its thread; past
 ``MAX_PENDING`` such lookups new ones are refused at once (``EAI_AGAIN``).
 
 ``Resolver`` is the seam tests use: a fake one answers from a table, so names other than
@@ -23,10 +23,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol, TypeVar
 
-from failcore_worker import rules
-from failcore_worker.rules import Grants, Verdict
-
-__all__ = ["Resolver", "SystemResolver", "LookupTimeout", "check_resolve", "reverse_name"]
+__all__ = ["Resolver", "SystemResolver", "LookupTimeout", "reverse_name"]
 
 T = TypeVar("T")
 THREADS = 4
@@ -108,36 +105,3 @@ class SystemResolver:
 def reverse_name(ip: str) -> str:
     """The PTR name a reverse lookup of ``ip`` queries (``4.3.2.1.in-addr.arpa``)."""
     return ipaddress.ip_address(ip.split("%", 1)[0]).reverse_pointer
-
-
-def _is_address_rule(host: str) -> bool:
-    return "/" in host or host == "localhost" or rules.parse_ip(host) is not None
-
-
-# Replace with ``failcore_worker.rules.check_resolve`` once it lands on main (another helper
-# is moving ``_guard_judge.judge_resolve``'s decision there); until then this is the same
-# decision, kept pure, and ``tests/test_broker_parent.py`` pins it to the worker's.
-def check_resolve(grants: Grants, name: str, port: int) -> Verdict:
-    """Whether the tool may look ``name`` up (judged before the query is sent).
-
-    A literal is no query: refused only where its connect must fail (net_safe). A tool
-    with no net capability under BLOCK may send no query at all. With only name rules, a
-    name no rule covers could never be connected to, so its query is refused; with
-    address rules (IP, CIDR, localhost) any name may resolve into them, so the lookup is
-    allowed and the connect decides.
-    """
-    if rules.parse_ip(name) is not None:
-        verdict = rules.check_host(grants, name, port)
-        if verdict.action == "block" and verdict.rule.startswith("net_safe"):
-            return verdict
-        return Verdict("allow", "resolve: literal", "an address literal sends no query")
-    if not grants.net and grants.default == "block":
-        return Verdict("block", "default_policy=BLOCK",
-                       f"this tool has no net capability, so DNS lookups (a data channel of "
-                       f"their own) are refused; add net:connect:{name}")
-    verdict = rules.check_host(grants, name, port)
-    address_rules = any(_is_address_rule(r.host) for r in grants.net)
-    if verdict.action != "block" or not (verdict.rule.startswith("net_safe") or not address_rules):
-        return Verdict("allow", "resolve: judged at connect",
-                       "names are judged on the addresses they resolve to")
-    return verdict

@@ -8,9 +8,14 @@ relative path, ``a.*.com``) is refused with an error that quotes the input, name
 part that is wrong and shows a valid example, because a capability that means something
 other than what its author thought is worse than none.
 
-``meet``/``covers`` are the pure set algebra the session policy uses to intersect a
-tool's capabilities with its allow and deny lists; ``to_rules`` converts to the
-``failcore_worker.rules`` types both enforcement layers judge with.
+``to_rules`` converts to the ``failcore_worker.rules`` types every enforcement layer
+judges with; the set algebra on capabilities (``meet``/``covers``) lives in
+``_capability_meet``.
+
+``net:connect:public[:PORT]`` is the public internet: globally routable addresses only
+(see ``failcore_worker.rules.is_public``), with the name lookups that needs. The scoped
+form ``net:connect:public@CIDR[:PORT]`` (the public part of a block) is what a policy's
+allow list makes of ``public`` and a CIDR that mixes public and blocked addresses.
 """
 
 from __future__ import annotations
@@ -19,22 +24,23 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from failcore._errors import CapabilityError
 from failcore._metadata import SideEffect
-from failcore_worker.rules import FsRule, NetRule
+from failcore_worker._addresses import network_publicness
+from failcore_worker.rules import PUBLIC, FsRule, NetRule
 
 __all__ = [
     "Capability", "NetConnect", "FsRead", "FsWrite", "Env", "ProcExec",
-    "parse_capability", "parse_capabilities", "to_rules", "meet", "covers",
+    "parse_capability", "parse_capabilities", "to_rules", "PUBLIC", "display_host",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _EXAMPLES = {
-    "net": "'net:connect:api.example.com:443'",
+    "net": "'net:connect:api.example.com:443' or 'net:connect:public:443'",
     "fs": "'fs:read:/srv/data'",
     "env": "'env:API_TOKEN' or 'env:AWS_*'",
     "proc": "'proc:exec:/usr/bin/git' or 'proc:exec:git'",
@@ -58,7 +64,8 @@ class Capability:
 @dataclass(frozen=True)
 class NetConnect(Capability):
     """``net:connect:HOST[:PORT]``. ``host`` is a lowercase DNS name, ``*.suffix``, an IP
-    (IPv6 without brackets) or a CIDR; ports ``0-65535`` mean ``*``."""
+    (IPv6 without brackets), a CIDR, ``public`` or ``public@CIDR``; ports ``0-65535``
+    mean ``*``."""
 
     host: str
     port_lo: int = 0
@@ -69,19 +76,11 @@ class NetConnect(Capability):
         return SideEffect.NETWORK
 
     def network(self) -> Network | None:
-        """The address block this host names, or None for a DNS name or wildcard."""
-        try:
-            return ipaddress.ip_network(self.host, strict=True)
-        except ValueError:
-            return None
+        """The address block this host names, or None for a DNS name, wildcard or public."""
+        return _network(self.host)
 
     def __str__(self) -> str:
-        net = self.network()
-        host = self.host
-        if net is not None and net.version == 6:
-            addr = str(net.network_address)
-            single = net.prefixlen == net.max_prefixlen and "/" not in self.host
-            host = f"[{addr}]" if single else f"[{addr}]/{net.prefixlen}"
+        host = display_host(self.host)
         if (self.port_lo, self.port_hi) == (0, 65535):
             return f"net:connect:{host}"
         if self.port_lo == self.port_hi:
@@ -224,9 +223,62 @@ def _abs_path(text: str, path: str, part: str, kind: str) -> str:
     return "/" + "/".join(parts)
 
 
+def _network(host: str) -> Network | None:
+    try:
+        return ipaddress.ip_network(host, strict=True)
+    except ValueError:
+        return None
+
+
+def display_host(host: str) -> str:
+    """A rule host as written in a capability: IPv6 bracketed, ``public@`` kept."""
+    if host.startswith(PUBLIC + "@"):
+        return f"{PUBLIC}@{display_host(host[len(PUBLIC) + 1:])}"
+    net = _network(host)
+    if net is None or net.version == 4:
+        return host
+    addr = str(net.network_address)
+    single = net.prefixlen == net.max_prefixlen and "/" not in host
+    return f"[{addr}]" if single else f"[{addr}]/{net.prefixlen}"
+
+
+def public_host(scope: Network | None) -> str | None:
+    """The canonical host for the public part of ``scope`` (all of it when None): a
+    plain CIDR when the block is all public, None when it holds no public address."""
+    if scope is None:
+        return PUBLIC
+    how = network_publicness(scope)
+    if how == "none":
+        return None
+    host = str(scope.network_address) if scope.num_addresses == 1 else str(scope)
+    return host if how == "all" else f"{PUBLIC}@{host}"
+
+
+def _parse_public(text: str, after: str) -> NetConnect:
+    """``public`` followed by ``after``: nothing, ``:PORT`` or ``@CIDR[:PORT]``."""
+    if not after.startswith("@"):
+        if after == ":":
+            raise _fail(text, "PORT after ':' is empty", "net")
+        lo, hi = _parse_port(text, after[1:] if after else "*")
+        return NetConnect(PUBLIC, lo, hi)
+    scoped = _parse_net(text, after[1:])
+    scope = _network(scoped.host)
+    if scope is None:
+        raise _fail(text, f"'public@' takes an IP or a CIDR (public@0.0.0.0/0), "
+                    f"not {after[1:]!r}", "net")
+    host = public_host(scope)
+    if host is None:
+        raise _fail(text, f"{display_host(scoped.host)} holds no public address, so "
+                    "'public@' of it grants nothing; name the block itself to reach it", "net")
+    return NetConnect(host, scoped.port_lo, scoped.port_hi)
+
+
 def _parse_net(text: str, target: str) -> NetConnect:
     if not target:
         raise _fail(text, "HOST is empty", "net")
+    word = target[:len(PUBLIC)].lower()
+    if word == PUBLIC and target[len(PUBLIC):len(PUBLIC) + 1] in ("", ":", "@"):
+        return _parse_public(text, target[len(PUBLIC):])
     if target.startswith("["):
         end = target.find("]")
         if end < 0:
@@ -298,7 +350,8 @@ def _parse_host(text: str, host: str) -> str:
     if wildcard:
         labels = labels[1:]
         if not labels:
-            raise _fail(text, "HOST '*' would grant every host; name a domain as '*.example.com'",
+            raise _fail(text, "HOST '*' would grant every host, internal ones included; name a "
+                        "domain as '*.example.com', or write 'public' for every public address",
                         "net")
     for label in labels:
         if "*" in label:
@@ -342,9 +395,13 @@ def _parse_port(text: str, port: str) -> tuple[int, int]:
 
 
 def to_rules(
-    caps: Iterable[str | Capability],
+    caps: Iterable[str | Capability], defaults: Collection[Capability] = (),
 ) -> tuple[tuple[NetRule, ...], tuple[FsRule, ...], tuple[str, ...], tuple[str, ...]]:
     """Convert to ``(net rules, fs rules, exec programs, env names)`` for ``failcore_worker.rules.Grants``.
+
+    A net capability in ``defaults`` (a side effect's default, not declared by the tool)
+    is marked in its rule's source, ``net:connect:public (default)``, so the token and
+    every verdict it decides say so.
 
     Filesystem paths are resolved with ``os.path.realpath`` here, at conversion time, so
     a grant names the real directory the worker will see (symlinks followed once, by the
@@ -356,7 +413,8 @@ def to_rules(
     env: dict[str, None] = {}
     for cap in parse_capabilities(caps):
         if isinstance(cap, NetConnect):
-            net.setdefault(NetRule(cap.host, cap.port_lo, cap.port_hi, source=str(cap)), None)
+            source = f"{cap} (default)" if cap in defaults else str(cap)
+            net.setdefault(NetRule(cap.host, cap.port_lo, cap.port_hi, source=source), None)
         elif isinstance(cap, FsRead | FsWrite):
             rule = FsRule(os.path.realpath(cap.path), isinstance(cap, FsWrite), source=str(cap))
             fs.setdefault(rule, None)
@@ -365,68 +423,3 @@ def to_rules(
         elif isinstance(cap, Env):
             env.setdefault(cap.name, None)
     return tuple(net), tuple(fs), tuple(exe), tuple(env)
-
-
-def _path_meet(a: str, b: str) -> str | None:
-    """The deeper of two paths when one contains the other, else None."""
-    if a == b or b.startswith(a.rstrip("/") + "/"):
-        return b
-    if a.startswith(b.rstrip("/") + "/"):
-        return a
-    return None
-
-
-def _host_meet(a: str, b: str) -> str | None:
-    na, nb = _network(a), _network(b)
-    if na is not None or nb is not None:
-        if na is None or nb is None or na.version != nb.version:
-            return None  # a name and an address: unknowable without DNS, so no overlap
-        if na.subnet_of(nb):  # type: ignore[arg-type]
-            return a
-        if nb.subnet_of(na):  # type: ignore[arg-type]
-            return b
-        return None
-    if a == b:
-        return a
-    for wide, narrow in ((a, b), (b, a)):
-        if wide.startswith("*.") and narrow.endswith(wide[1:]) and narrow != wide:
-            return narrow
-    return None
-
-
-def _network(host: str) -> Network | None:
-    try:
-        return ipaddress.ip_network(host, strict=True)
-    except ValueError:
-        return None
-
-
-def meet(a: Capability, b: Capability) -> Capability | None:
-    """The capability granting exactly what both ``a`` and ``b`` grant, or None if nothing.
-
-    Filesystem: the deeper path, write only if both write. Network: the narrower host
-    (a name never meets an address: that would need DNS) and the common port range.
-    """
-    if isinstance(a, NetConnect) and isinstance(b, NetConnect):
-        lo, hi = max(a.port_lo, b.port_lo), min(a.port_hi, b.port_hi)
-        host = _host_meet(a.host, b.host)
-        return None if host is None or lo > hi else NetConnect(host, lo, hi)
-    if isinstance(a, FsRead | FsWrite) and isinstance(b, FsRead | FsWrite):
-        path = _path_meet(a.path, b.path)
-        if path is None:
-            return None
-        both_write = isinstance(a, FsWrite) and isinstance(b, FsWrite)
-        return FsWrite(path) if both_write else FsRead(path)
-    if isinstance(a, Env) and isinstance(b, Env):
-        for x, y in ((a.name, b.name), (b.name, a.name)):
-            if x == y or (x.endswith("*") and y.startswith(x[:-1])):
-                return Env(y)
-        return None
-    if isinstance(a, ProcExec) and isinstance(b, ProcExec):
-        return a if a == b else None
-    return None
-
-
-def covers(pattern: Capability, cap: Capability) -> bool:
-    """True when everything ``cap`` grants is also granted by ``pattern``."""
-    return meet(pattern, cap) == cap

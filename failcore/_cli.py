@@ -1,12 +1,12 @@
 """The ``failcore`` command line: inspect, verify, re-judge and report on traces; serve
-a session's tools over MCP.
+a session's tools over MCP; guard a third-party MCP server.
 
 Exit codes (every subcommand):
 
   0  success: the trace verifies / nothing would be blocked / the policy file is fine
   1  the check failed: ``verify`` found a broken chain, seq, encoding or schema;
      ``replay --policy`` found something the policy would block; ``policy check``
-     found problems in the file
+     found problems in the file; ``policy explain``'s verdict is block
   2  usage error, or an input file that is missing, unreadable, empty or not a
      trace / policy file at all
 
@@ -27,10 +27,17 @@ from failcore._errors import FailCoreError, TraceError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+EXPLAIN_EPILOG = """example:
+  failcore policy explain policies/strict.toml --tool http_get \\
+      --cap net:connect:api.github.com:443 --arg url=http://169.254.169.254/ --json
+
+"""
+
 EPILOG = """exit codes:
   0  success (trace verifies, nothing would be blocked, policy file fine)
   1  the check failed (verify: chain/seq/encoding/schema broken; replay: the policy
-     would block something; policy check: problems found)
+     would block something; policy check: problems found; policy explain: the call
+     would be blocked)
   2  usage error, or a missing, unreadable, empty or malformed input file
 """
 
@@ -114,10 +121,20 @@ def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"    error {_one_line(c.error.get('type'))}: {_one_line(c.error.get('message'))}\n")
         for a in c.attempts:
             out.write(f"    {_one_line(a.action):<5} [{a.layer}] {_one_line(a.what)}  rule: {_one_line(a.rule)}\n")
+        if c.approval is not None and c.approval.get("decision") == "approved":
+            by = f" by {_one_line(c.approval['by'])}" if c.approval.get("by") else ""
+            asked = _one_line(", ".join(str(r) for r in c.approval.get("required_by") or []))
+            out.write(f"    approved [approval]{by} ({asked})\n")
     status = _one_line(", ".join(f"{n} {s}" for s, n in counts["status"].items()) or "none", 400)
+    proxy = f", {counts['blocked_proxy']} at the guard's proxy" if counts["blocked_proxy"] else ""
     out.write(f"{counts['calls']} calls ({status}); {counts['blocked']} blocked attempts "
               f"({counts['blocked_precheck']} before dispatch, {counts['blocked_worker']} in the "
-              f"worker); {counts['warnings']} warnings\n")
+              f"worker{proxy}); {counts['warnings']} warnings\n")
+    guard = summary.guardrails()
+    if any(guard.values()):
+        out.write(f"guardrails: {guard['scan_findings']} scan findings ({guard['scan_blocked']} "
+                  f"blocked, {guard['scan_redacted']} redacted); {guard['approvals']} approvals "
+                  f"({guard['approvals_refused']} refused); {guard['budget_stops']} budget stops\n")
     for w in report.warnings:
         out.write(f"warning: {_one_line(w, 1000)}\n")
     return EXIT_OK
@@ -191,13 +208,18 @@ def _cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     newly_blocked = [f for f in findings if f.newly_blocked]
     newly_allowed = [f for f in findings if f.newly_allowed]
     name = getattr(policy, "name", args.policy)
+    from failcore._grant_warnings import trace_grant_warnings
+
+    warnings = trace_grant_warnings(records, policy)
     if args.json:
         _dump({"trace": args.trace, "policy": str(name), "policy_file": args.policy,
                "would_block": len(blocked), "newly_blocked": len(newly_blocked),
-               "newly_allowed": len(newly_allowed),
+               "newly_allowed": len(newly_allowed), "warnings": warnings,
                "findings": [f.to_json() for f in findings]}, out)
     else:
         out.write(f"re-judging {args.trace} under policy {_one_line(name)} ({args.policy})\n")
+        for w in warnings:
+            out.write(f"warning: {_one_line(w, 1000)}\n")
         tool_w = max((len(_one_line(f.tool)) for f in findings), default=4)
         for f in findings:
             tag = "NEW" if f.newly_blocked else ("ALLOWED NOW" if f.newly_allowed else "")
@@ -246,6 +268,34 @@ def _cmd_mcp_serve(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _cmd_mcp_guard(args: argparse.Namespace, out: TextIO) -> int:
+    command = list(args.server_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise _UsageError("no server command: failcore mcp guard --policy FILE -- COMMAND ARGS...")
+    try:
+        from failcore import mcp_guard
+
+        policy = mcp_guard.load_guard_policy(args.policy) if args.policy else mcp_guard.GuardPolicy()
+        policy = policy.with_capabilities(args.cap or [])
+    except (FailCoreError, ValueError) as exc:  # PolicyError, CapabilityError, MissingExtra
+        raise _UsageError(str(exc)) from None
+    try:
+        why = mcp_guard.guard(command, policy, trace=args.trace)
+    except FileNotFoundError as exc:
+        raise _UsageError(str(exc)) from None
+    except mcp_guard.ConfinementRefused as exc:
+        print(f"failcore mcp guard: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except TraceError as exc:
+        raise _UsageError(str(exc)) from None
+    if why.startswith("watchdog"):
+        print(f"failcore mcp guard: stopped the server: {why}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _cmd_policy_check(args: argparse.Namespace, out: TextIO) -> int:
     path = args.file
     if not os.path.isfile(path):
@@ -264,8 +314,51 @@ def _cmd_policy_check(args: argparse.Namespace, out: TextIO) -> int:
     if problems:
         out.write(f"FAILED: {path}: {len(problems)} problem(s)\n")
         return EXIT_FAILED
-    out.write(f"OK: {path}\n")
+    warnings = _policy_warnings(path)
+    for w in warnings:
+        out.write(f"warning: {_one_line(w, 1000)}\n")
+    out.write(f"OK: {path}" + (f" ({len(warnings)} warning(s))" if warnings else "") + "\n")
     return EXIT_OK
+
+
+def _parse_arg(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise _UsageError(f"--arg {text!r}: expected KEY=VALUE, e.g. --arg url=https://example.com")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _cmd_policy_explain(args: argparse.Namespace, out: TextIO) -> int:
+    policy = _load_policy(args.file)
+    call_args = dict(_parse_arg(a) for a in args.arg or [])
+    approver = {"yes": True, "no": False, None: None}[args.approver]
+    try:
+        explanation = policy.explain(
+            args.tool, call_args, args.cap or [], risk_level=args.risk,
+            default_policy=args.default_policy, secret=args.secret or [], approver=approver)
+    except (FailCoreError, ValueError) as exc:
+        raise _UsageError(str(exc)) from None
+    if args.json:
+        _dump(explanation.to_json(), out)
+    else:
+        for line in explanation.render().splitlines():
+            indent = line[: len(line) - len(line.lstrip(" "))]
+            out.write(indent + _one_line(line, 2000) + "\n")
+    return EXIT_FAILED if explanation.verdict == "block" else EXIT_OK
+
+
+def _policy_warnings(path: str) -> list[str]:
+    """Things worth a second look in a policy file that loads (they do not fail it)."""
+    from failcore._grant_warnings import policy_warnings
+    from failcore._policy import load_policy
+
+    try:
+        return policy_warnings(load_policy(path), path)
+    except (FailCoreError, OSError, UnicodeDecodeError):
+        return []
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -312,8 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
             "anything: every argument pre-check and every operation the workers reported. "
             "Lists everything the policy would block (marking what the original run let "
             "through) and what the original run blocked that the policy would allow. Exit "
-            "code 1 when the policy would block anything. Without --policy, lists the "
-            "decisions the recorded run made.")
+            "code 1 when the policy would block anything. Warns about recorded grants that "
+            "contain ranges net_safe blocks (e.g. net:connect:0.0.0.0/0, which under net_safe "
+            "reaches only its public part). Without --policy, lists the decisions the "
+            "recorded run made.")
     p.add_argument("trace", metavar="TRACE", help="the trace file (JSONL)")
     p.add_argument("--policy", metavar="FILE", help="policy file (TOML) to re-judge under")
     p.add_argument("--json", action="store_true", help="machine-readable findings")
@@ -338,9 +433,40 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="check a policy file for problems", formatter_class=fmt, epilog=EPILOG,
         description=textwrap.fill("Parse the policy file FILE (and the files it includes) and report every "
         "problem: unknown keys, wrong types, capability strings that do not parse, roots that "
-        "cannot compose. Exit code 1 when problems are found.", 88))
+        "cannot compose. Exit code 1 when problems are found. Also warns (exit code 0) about "
+        "allow entries that contain ranges net_safe blocks, such as net:connect:0.0.0.0/0: "
+        "under net_safe such a grant reaches only its public part.", 88))
     pc.add_argument("file", metavar="FILE", help="the policy file (TOML)")
     pc.set_defaults(func=_cmd_policy_check)
+    pe = psub.add_parser(
+        "explain", help="say what a policy would do to one call, without running it",
+        formatter_class=fmt, epilog=EXPLAIN_EPILOG + EPILOG,
+        description=textwrap.fill(
+            "For a prospective call of tool NAME with the given arguments, list every rule "
+            "of the policy in FILE that would apply, layer by layer (registration, "
+            "capabilities, argument pre-check, the worker's rules, secret/PII scan, budgets, "
+            "approval), and the verdict. Nothing runs: no worker, no name lookup, no tool "
+            "code. The tool's capabilities, risk level and default policy are given with "
+            "--cap, --risk and --default-policy, since there is no session to read them "
+            "from. Exit code 1 when the verdict is block.", 88))
+    pe.add_argument("file", metavar="FILE", help="the policy file (TOML)")
+    pe.add_argument("--tool", required=True, metavar="NAME", help="the tool's name")
+    pe.add_argument("--arg", action="append", metavar="KEY=VALUE",
+                    help="an argument of the call; VALUE is read as JSON when it parses "
+                         "(5, true, [1,2], {\"a\": 1}), else as a string (repeatable)")
+    pe.add_argument("--cap", action="append", metavar="CAP",
+                    help="a capability the tool declares, e.g. net:connect:api.github.com:443 "
+                         "(repeatable)")
+    pe.add_argument("--risk", default="LOW", choices=("LOW", "MEDIUM", "HIGH", "CRITICAL"),
+                    type=str.upper, help="the tool's risk level (default LOW)")
+    pe.add_argument("--default-policy", default="BLOCK", choices=("BLOCK", "WARN", "ALLOW"),
+                    type=str.upper, help="the tool's default policy (default BLOCK)")
+    pe.add_argument("--secret", action="append", metavar="ARG",
+                    help="an argument declared secret: not scanned, never shown (repeatable)")
+    pe.add_argument("--approver", choices=("yes", "no"),
+                    help="whether the session has an approve callback (default: not known)")
+    pe.add_argument("--json", action="store_true", help="machine-readable explanation")
+    pe.set_defaults(func=_cmd_policy_explain)
     p.set_defaults(func=None, subparser=p)
 
     p = add("mcp", "serve a session's tools over MCP",
@@ -367,6 +493,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow a non-loopback --host (the server has no authentication: "
                     "put your own in front of it)")
     ms.set_defaults(func=_cmd_mcp_serve)
+    mg = msub.add_parser(
+        "guard", help="run a third-party MCP server confined, its tools under a policy",
+        formatter_class=fmt, epilog=EPILOG,
+        usage="failcore mcp guard [--policy FILE] [--cap CAP ...] [--trace FILE] -- COMMAND "
+              "[ARGS...]",
+        description=textwrap.fill(
+            "Start the stdio MCP server COMMAND confined by the kernel (an empty network "
+            "namespace, Landlock limited to its capabilities plus what it needs to run, no "
+            "capabilities, no_new_privs, rlimits, its own process group) and serve its tools "
+            "over this process's stdio. Every tools/call is validated against the server's "
+            "input schema, pre-checked and judged by the policy before it is forwarded; a "
+            "refusal is a tool result with isError naming the rule. With net:connect "
+            "capabilities the server reaches the network only through an HTTP proxy that "
+            "judges each connection on the resolved address. Needs pip install "
+            "'failcore[mcp]' and Linux. Exit code 0 when the agent disconnects, 1 when the "
+            "server could not be confined as required or the watchdog stopped it.", 88))
+    mg.add_argument("--policy", metavar="FILE",
+                    help="guard policy (TOML: [policy], [server], [tools.NAME]; see the README)")
+    mg.add_argument("--cap", action="append", metavar="CAP",
+                    help="add a server capability, e.g. fs:read:/srv/docs (repeatable)")
+    mg.add_argument("--trace", metavar="FILE", help="write the hash-chained trace here")
+    mg.add_argument("server_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                    help="the server to run, after --")
+    mg.set_defaults(func=_cmd_mcp_guard)
     p.set_defaults(func=None, subparser=p)
     return parser
 

@@ -120,8 +120,8 @@ class Confinement:
     def to_wire(self) -> dict[str, Any]:
         return {"mode": self.mode, "landlock_abi": self.landlock_abi,
                 "landlock_rights": list(self.landlock_rights),
-                "layers": [{"name": x.name, "in_force": x.in_force, "reason": x.reason}
-                           for x in self.layers],
+                "layers": {x.name: {"in_force": x.in_force, "reason": x.reason}
+                           for x in self.layers},
                 "tools": [{"name": t.name, "network": t.network, "notes": list(t.notes)}
                           for t in self.tools]}
 

@@ -3,16 +3,18 @@
 Every message says what was refused, which rule refused it, and what to change::
 
     FailCoreError
-    ├── SecurityError            a policy refused (.rule, .target, .layer)
+    ├── SecurityError            a policy, the scanner or the approver refused (.rule, .target, .layer)
     ├── ValidationError
     │   ├── InputValidationError     arguments refused before any worker was touched
     │   └── OutputValidationError    the result does not match its model or limits
     ├── ToolTimeout              past timeout_s; the worker's tree was killed
     ├── CallCancelled            the awaiting acall was cancelled; the tree was killed
+    ├── BudgetExceeded           a budget is spent; refused before dispatch (.budget, .limit, .used)
     ├── ResourceLimitExceeded    memory, CPU, file size, output size, process count
     ├── WorkerCrashed            the worker died without answering
     ├── ToolFailed               the tool raised (.remote_type, .remote_message, .remote_traceback)
     ├── ConfinementUnavailable   confinement="require" and a kernel layer is not in force
+    │   └── ConfinementRefused       a guarded MCP server could not be confined as required; not run
     ├── ReplayMismatch           a replayed session diverged from its trace
     ├── RegistrationError        metadata broke an invariant
     │   └── CapabilityError          a capability string does not parse (also a ValueError)
@@ -67,6 +69,20 @@ class CallCancelled(FailCoreError):
     was killed so the tool does not run on unobserved."""
 
 
+class BudgetExceeded(FailCoreError):
+    """A budget (calls, calls per minute, CPU or wall seconds, a result field's sum) is
+    spent; the call was refused before dispatch. ``budget`` names it ("session.calls",
+    "tool:search.sum:usage.tokens"), ``limit`` and ``used`` are its numbers."""
+
+    def __init__(self, message: str, *, budget: str = "", limit: float | None = None,
+                 used: float | None = None, state: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.limit = limit
+        self.used = used
+        self.state = state or []
+
+
 class ResourceLimitExceeded(FailCoreError):
     """The tool hit a resource limit (memory, CPU, file size, open files, output size)."""
 
@@ -111,6 +127,12 @@ class PolicyError(FailCoreError, ValueError):
 class MissingExtra(FailCoreError, ImportError):
     """An integration's optional dependency is not installed; the message names the extra
     (``pip install 'failcore[mcp]'``)."""
+
+
+class ConfinementRefused(ConfinementUnavailable):
+    """``failcore mcp guard`` could not start the server confined as its policy requires
+    (a kernel layer missing, the launcher refused): nothing was run. The message names
+    the layer and why."""
 
 
 class TraceError(FailCoreError):

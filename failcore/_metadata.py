@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from failcore._budgets import Budget
 from failcore_worker.protocol import LimitsWire
 
 
@@ -93,7 +94,11 @@ class Limits:
 
 @dataclass(frozen=True)
 class ToolMetadata:
-    """What a tool is allowed to do and how it runs (SPEC section 3)."""
+    """What a tool is allowed to do and how it runs (SPEC section 3).
+
+    ``budget``: limits on this tool's use across calls (``failcore.Budget``): calls,
+    calls per minute, CPU and wall seconds, sums of result fields.
+    """
 
     risk_level: RiskLevel = RiskLevel.LOW
     side_effect: SideEffect | Sequence[SideEffect] = SideEffect.NONE
@@ -106,6 +111,11 @@ class ToolMetadata:
     description: str | None = None
     secret: Sequence[str] = ()
     network: Network = "none"
+    budget: Budget | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and not isinstance(self.budget, Budget):
+            raise ValueError(f"ToolMetadata.budget must be a failcore.Budget, got {self.budget!r}")
 
     @property
     def side_effects(self) -> frozenset[SideEffect]:

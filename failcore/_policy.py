@@ -24,24 +24,27 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from failcore._budgets import Budget
 from failcore._capabilities import (
     Capability,
     FsRead,
     FsWrite,
     ProcExec,
-    covers,
-    meet,
     parse_capabilities,
     parse_capability,
     to_rules,
 )
+from failcore._capability_meet import covers, meet
 from failcore._errors import PolicyError
 from failcore._metadata import DefaultPolicy
+from failcore._policy_tables import TABLES, read_tables
 from failcore._precheck import scan_arguments
+from failcore._scan import Scan
 from failcore_worker import rules
 from failcore_worker.rules import Action, Grants, GuardEvent, Verdict, under
 
-__all__ = ["Policy", "CapabilityVerdict", "load_policy", "load_policy_from", "check_policy_file"]
+__all__ = ["Policy", "CapabilityVerdict", "load_policy", "load_policy_from", "check_policy_file",
+           "policy_from_table"]
 
 _DEFAULTS: dict[str, Action] = {"BLOCK": "block", "WARN": "warn", "ALLOW": "allow"}
 
@@ -75,6 +78,11 @@ class Policy:
     capability overlapping one is refused whole, because a grant cannot have holes.
     ``fs_root`` is stored resolved (``realpath``) so nesting checks see real directories.
     Strings are accepted for ``allow``/``deny`` and parsed at construction.
+
+    Guardrails (``[budget]``, ``[scan]``, ``[tools.NAME]`` in a policy file): ``budget``
+    bounds the whole session, ``tool_budgets`` one tool each (a mapping is accepted),
+    ``scan`` configures secret/PII scanning, ``approve_tools`` names the tools whose
+    every call needs ``Session(approve=...)``.
     """
 
     name: str = "allow_all"
@@ -84,8 +92,16 @@ class Policy:
     deny_exec: bool = False
     allow: tuple[Capability, ...] | None = None
     deny: tuple[Capability, ...] = ()
+    budget: Budget | None = None
+    scan: Scan | None = None
+    approve_tools: tuple[str, ...] = ()
+    tool_budgets: tuple[tuple[str, Budget], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "approve_tools", tuple(sorted(set(self.approve_tools))))
+        budgets: Any = self.tool_budgets
+        pairs = budgets.items() if isinstance(budgets, Mapping) else budgets
+        object.__setattr__(self, "tool_budgets", tuple(sorted((str(n), b) for n, b in pairs)))
         if self.allow is not None:
             object.__setattr__(self, "allow", parse_capabilities(self.allow))
         object.__setattr__(self, "deny", parse_capabilities(self.deny))
@@ -127,6 +143,12 @@ class Policy:
             allow = other.allow if self.allow is None else self.allow
         else:
             allow = _meet_all(self.allow, other.allow)
+        budget = other.budget if self.budget is None else self.budget.tighter(other.budget)
+        scan = other.scan if self.scan is None else (
+            self.scan if other.scan is None else self.scan.compose(other.scan))
+        tool_budgets = dict(self.tool_budgets)
+        for name, b in other.tool_budgets:
+            tool_budgets[name] = b.tighter(tool_budgets.get(name))
         return Policy(
             name=f"{self.name}+{other.name}",
             block_ranges=self.block_ranges or other.block_ranges,
@@ -135,7 +157,32 @@ class Policy:
             deny_exec=self.deny_exec or other.deny_exec,
             allow=allow,
             deny=self.deny + other.deny,
+            budget=budget,
+            scan=scan,
+            approve_tools=self.approve_tools + other.approve_tools,
+            tool_budgets=tuple(tool_budgets.items()),
         )
+
+    # -- guardrails --------------------------------------------------------------------
+
+    def tool_budget(self, tool: str) -> Budget | None:
+        """The budget this policy gives one tool, if any."""
+        return dict(self.tool_budgets).get(tool)
+
+    def requires_approval(self, tool: str) -> bool:
+        """True when this policy marks ``tool`` ``approve = true``."""
+        return tool in self.approve_tools
+
+    def explain(self, tool: str, args: Mapping[str, Any] | None = None,
+                capabilities: Iterable[str | Capability] = (), **options: Any) -> Any:
+        """What would happen to a prospective call, layer by layer, without running it.
+
+        See ``failcore._explain.explain`` for the options (risk level, default policy,
+        side effects, whether the session has an approver) and the result.
+        """
+        from failcore._explain import explain
+
+        return explain(self, tool, dict(args or {}), capabilities, **options)
 
     # -- capabilities -> grants --------------------------------------------------------
 
@@ -210,11 +257,17 @@ class Policy:
         return kept, None
 
     def grants(
-        self, caps: Iterable[str | Capability], default: DefaultPolicy | str = DefaultPolicy.BLOCK
+        self, caps: Iterable[str | Capability], default: DefaultPolicy | str = DefaultPolicy.BLOCK,
+        defaults: Iterable[str | Capability] = (),
     ) -> Grants:
-        """The ``Grants`` for a tool holding ``caps`` with ``default`` under this policy."""
+        """The ``Grants`` for a tool holding ``caps`` with ``default`` under this policy.
+
+        ``defaults``: which of ``caps`` a side effect's default added (``net:connect:public``
+        for NETWORK without a net capability); their rules are marked as defaults.
+        """
         granted, _ = self.intersect(caps)
-        net, fs, exe, env = to_rules(granted)
+        marked = self.intersect(defaults)[0] if defaults else ()
+        net, fs, exe, env = to_rules(granted, frozenset(marked))
         enforce = not self.warn_only
         return Grants(
             net=net, fs=fs, exec=exe, env=env,
@@ -248,18 +301,20 @@ class Policy:
         return dataclasses.replace(grants, block_ranges=False, fs_root=None, deny_exec=False)
 
     def precheck(
-        self, grants: Grants, args: Mapping[str, Any], cwd: str | None = None
+        self, grants: Grants, args: Mapping[str, Any], cwd: str | None = None,
+        keep_allowed: bool = False,
     ) -> list[tuple[str, Verdict]]:
         """Layer 1: judge every URL and path found anywhere in ``args`` before dispatch.
 
         Returns ``(argument path, verdict)`` for each finding that is not "allow", e.g.
         ``("payload.urls[2]", Verdict("block", "net_safe: 169.254.0.0/16 ...", ...))``.
         ``cwd`` is the call's scratch directory, against which relative paths resolve.
+        ``keep_allowed``: report allowed URLs and paths too (``explain``).
         """
-        strict = scan_arguments(self._enforcing(grants), args, cwd)
+        strict = scan_arguments(self._enforcing(grants), args, cwd, keep_allowed)
         if not self.warn_only:
             return strict
-        relaxed = dict(scan_arguments(self._relaxed(grants), args, cwd))
+        relaxed = dict(scan_arguments(self._relaxed(grants), args, cwd, keep_allowed))
         return [(where, self._downgrade(v, relaxed.get(where))) for where, v in strict]
 
     def _downgrade(self, strict: Verdict, relaxed: Verdict | None) -> Verdict:
@@ -290,15 +345,14 @@ def _judge_event(event: GuardEvent, grants: Grants) -> Verdict:
             return rules.check_connect(grants, host.strip("[]"), port, event.get("names", []))
         return rules.check_host(grants, host, port)
     if op == "net.resolve":
-        verdict = rules.check_host(grants, event.get("host", ""), int(event.get("port", 0)))
-        if verdict.action == "block" and verdict.rule.startswith("net_safe"):
-            return verdict
-        return Verdict("allow", "rejudge: resolution", "names are judged at connect time")
+        return rules.check_resolve(grants, event.get("host", ""), int(event.get("port", 0)))
     if op in ("fs.open", "fs.modify"):
         write = op == "fs.modify" or bool(event.get("write", False))
         return rules.check_path(grants, event.get("path", ""), write)
     if op == "proc.exec":
         return rules.check_exec(grants, event.get("program", ""))
+    if op == "proc.fork":
+        return rules.check_fork(grants)
     return Verdict(
         event.get("action", "block"),
         event.get("rule", f"rejudge: no policy rule for {op!r}"),
@@ -323,6 +377,7 @@ _LIST_KEYS = ("allow", "deny", "include")
 _KNOWN_KEYS = frozenset({"name", "description", "fs_root", *_BOOL_KEYS, *_LIST_KEYS})
 _SCHEMA_HINT = (
     "a policy file has one [policy] table with keys: " + ", ".join(sorted(_KNOWN_KEYS))
+    + ", and optional tables " + ", ".join(f"[{t}]" for t in TABLES)
 )
 
 
@@ -368,17 +423,41 @@ def _load(
     except tomllib.TOMLDecodeError as e:
         return None, [f"{label}: not valid TOML ({e})"]
     problems: list[str] = []
-    extra = sorted(set(data) - {"policy"})
+    extra = sorted(set(data) - {"policy", *TABLES})
     if extra:
         problems.append(f"{label}: unknown top-level key(s) {', '.join(extra)}; {_SCHEMA_HINT}")
     table = data.get("policy")
     if not isinstance(table, dict):
         problems.append(f"{label}: missing the [policy] table; {_SCHEMA_HINT}")
         return None, problems
+    return _from_table(directory, name, label, table, stack, problems,
+                       guardrails=read_tables(label, data, problems))
+
+
+def policy_from_table(
+    table: dict[str, Any], label: str, directory: Traversable, shipped: Traversable | None = None
+) -> tuple[Policy | None, list[str]]:
+    """A ``[policy]`` table that lives in another file (a ``failcore mcp guard`` policy):
+    the same keys and checks as a policy file. Includes resolve in ``directory`` first,
+    then in ``shipped`` (the shipped policies), so ``include = ["net_safe.toml"]`` works
+    from anywhere. Returns the policy or every problem found."""
+    # Only the [policy] table: a guard file's [tools.NAME] tables hold per-tool grants.
+    return _from_table(directory, Path(label).name, label, table, (), [], {}, shipped)
+
+
+def _from_table(
+    directory: Traversable, name: str, label: str, table: dict[str, Any],
+    stack: tuple[str, ...], problems: list[str], guardrails: dict[str, Any],
+    shipped: Traversable | None = None,
+) -> tuple[Policy | None, list[str]]:
     fields, includes = _read_table(label, table, problems)
+    fields.update(guardrails)
     parts: list[Policy] = []
     for include in includes:
-        included, sub_problems = _load(directory, include, (*stack, label))
+        where = directory
+        if shipped is not None and not directory.joinpath(include).is_file():
+            where = shipped
+        included, sub_problems = _load(where, include, (*stack, label))
         problems.extend(sub_problems)
         if included is not None:
             parts.append(included)

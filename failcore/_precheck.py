@@ -10,8 +10,11 @@ Only clear forms count, so ordinary text is not mistaken for a target: a string 
 *is* a URL (``scheme://...``; for the WHATWG "special" schemes any ``http:...``, with
 backslashes read as slashes and extra slashes skipped, the way browsers and many
 clients parse them), a ``file:`` URL, or a string that is a path (absolute, ``~``, or
-containing a ``../`` or ``..\\`` step). URLs and paths inside longer text are not
-judged here; the worker's guards judge whatever the tool actually opens. A plain
+containing a ``../`` or ``..\\`` step) as written or once percent-decoded, twice, ...:
+``ROOT/%2e%2e/secret`` is judged as written and as ``ROOT/../secret``, the worse
+verdict kept, since the tool may decode it before opening. URLs and paths inside
+longer text are not judged here; the worker's guards judge whatever the tool actually
+opens. A plain
 absolute path (no ``..`` step) is judged only for a tool that has filesystem grants or
 runs under fs_safe: for a network-only tool ``"/repos/x"`` is far more likely an API
 route than a file, and the worker blocks any file it would really open.
@@ -30,7 +33,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from failcore_worker import rules
-from failcore_worker.rules import Grants, Verdict
+from failcore_worker.rules import Grants, Verdict, worse
 
 MAX_DEPTH = 64
 MAX_NODES = 10_000
@@ -44,24 +47,26 @@ _DEFAULT_PORTS = {
     "imap": 143, "pop3": 110, "redis": 6379, "telnet": 23, "tftp": 69, "git": 9418,
     "mysql": 3306, "postgres": 5432, "postgresql": 5432, "mongodb": 27017, "amqp": 5672,
 }
-_RANK = {"allow": 0, "warn": 1, "block": 2}
+_MAX_DECODINGS = 4
 _C0_AND_SPACE = "".join(map(chr, range(0x21)))
 
 
 def scan_arguments(
-    grants: Grants, args: Mapping[str, Any], cwd: str | None = None
+    grants: Grants, args: Mapping[str, Any], cwd: str | None = None, keep_allowed: bool = False
 ) -> list[tuple[str, Verdict]]:
-    """``(argument path, verdict)`` for every URL or path in ``args`` not judged "allow"."""
-    scan = _Scan(grants, cwd)
+    """``(argument path, verdict)`` for every URL or path in ``args`` not judged "allow"
+    (``keep_allowed``: for every URL or path, allowed ones too: ``policy explain``)."""
+    scan = _Scan(grants, cwd, keep_allowed)
     for name, value in args.items():
         scan.walk(value, str(name), 1)
     return scan.findings
 
 
 class _Scan:
-    def __init__(self, grants: Grants, cwd: str | None) -> None:
+    def __init__(self, grants: Grants, cwd: str | None, keep_allowed: bool = False) -> None:
         self.grants = grants
         self.cwd = cwd
+        self.keep_allowed = keep_allowed
         self.findings: list[tuple[str, Verdict]] = []
         self.nodes = 0
         self.stopped = False
@@ -100,7 +105,7 @@ class _Scan:
 
     def judge(self, text: str, where: str) -> None:
         verdict = judge_string(self.grants, text, self.cwd)
-        if verdict is not None and verdict.action != "allow":
+        if verdict is not None and (verdict.action != "allow" or self.keep_allowed):
             self.findings.append((where, verdict))
 
 
@@ -138,15 +143,31 @@ def judge_string(grants: Grants, text: str, cwd: str | None = None) -> Verdict |
             return _judge_file_url(grants, rest, cwd)
         if scheme in _SPECIAL or rest.startswith("//"):
             return _judge_url(grants, scheme, rest)
-    candidates = [text]
-    lowered = text.lower()
-    if "%2e" in lowered or "%2f" in lowered or "%5c" in lowered:
-        candidates.append(unquote(text))
     fs_tool = bool(grants.fs) or grants.fs_root is not None
-    for candidate in candidates:
+    worst: Verdict | None = None
+    for candidate in _decodings(text):
         if _looks_like_path(candidate) and (fs_tool or _has_traversal(candidate)):
-            return _judge_path(grants, candidate, cwd)
-    return None
+            worst = worse(worst, _judge_path(grants, candidate, cwd))
+    return worst
+
+
+def _decodings(text: str) -> list[str]:
+    """``text`` and each successive percent-decoding of it (``%252e`` -> ``%2e`` -> ``.``).
+
+    A tool may decode its argument once, twice or not at all before opening it, so each
+    form is judged and the worse verdict kept (SECURITY.md, layer 1). Bounded like
+    ``rules._normalise_host``. Overlong UTF-8 (``%c0%ae``) is not a dot to Python's
+    decoder (it becomes U+FFFD), nor to the kernel, so it is judged as the name it is.
+    """
+    forms = [text]
+    for _ in range(_MAX_DECODINGS):
+        if "%" not in forms[-1]:
+            break
+        decoded = unquote(forms[-1])
+        if decoded == forms[-1]:
+            break
+        forms.append(decoded)
+    return forms
 
 
 def _has_traversal(text: str) -> bool:
@@ -175,7 +196,11 @@ def _judge_file_url(grants: Grants, rest: str, cwd: str | None) -> Verdict:
     path = rest
     if path.startswith("//"):
         path = "/" + path[2:].partition("/")[2]  # drop the (local) host part
-    return _judge_path(grants, unquote(path) or "/", cwd)
+    worst: Verdict | None = None
+    for decoded in _decodings(path)[1:] or [path]:  # a file: URL is decoded at least once
+        worst = worse(worst, _judge_path(grants, decoded or "/", cwd))
+    assert worst is not None
+    return worst
 
 
 def _judge_url(grants: Grants, scheme: str, rest: str) -> Verdict:
@@ -193,8 +218,7 @@ def _judge_url(grants: Grants, scheme: str, rest: str) -> Verdict:
     worst: Verdict | None = None
     for url in sorted(readings):
         verdict = _judge_authority(grants, scheme, url)
-        if worst is None or _RANK[verdict.action] > _RANK[worst.action]:
-            worst = verdict
+        worst = worse(worst, verdict)
     assert worst is not None
     return worst
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 # Observers see (kind, call_id, body) of every record, after secrets are scrubbed.
@@ -50,37 +50,48 @@ class NoTrace:
         return None
 
 
-class ScrubbingTrace:
-    """Writes through to the trace with every secret value replaced by ``<secret>``,
-    wherever it appears: error messages, guard events, pre-check findings, results."""
+def scrub(value: Any, hidden: Sequence[str], masks: Mapping[str, str] | None = None) -> Any:
+    """``value`` with every ``hidden`` string replaced by ``<secret>`` and every key of
+    ``masks`` (values the scanner found) by its marker, wherever they occur; an integer
+    whose digits were found (a card number) becomes its marker.
 
-    def __init__(self, trace: Any, hidden: list[str]) -> None:
+    The trace's scrubber, and the integrations' too: an error's text shown to an agent
+    (an MCP tool result, a framework's tool error) hides what the trace hides.
+    """
+    masks = masks or {}
+    if isinstance(value, str):
+        for secret in hidden:
+            if secret in value:
+                value = value.replace(secret, "<secret>")
+        for found, mark in masks.items():
+            if found in value:
+                value = value.replace(found, mark)
+        return value
+    if isinstance(value, dict):
+        return {scrub(k, hidden, masks): scrub(v, hidden, masks) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v, hidden, masks) for v in value]
+    if masks and isinstance(value, int) and not isinstance(value, bool):
+        return masks.get(str(abs(value)), value)
+    return value
+
+
+class ScrubbingTrace:
+    """Writes through to the trace with every secret value replaced by ``<secret>`` and
+    every scanner finding by ``<redacted:KIND>``, wherever it appears: arguments, error
+    messages, guard events, pre-check findings, results."""
+
+    def __init__(self, trace: Any, hidden: list[str], masks: Mapping[str, str] | None = None) -> None:
         self._trace = trace
         self._hidden = hidden
+        # Longest first, so a value containing another is masked whole.
+        self._masks = dict(sorted((masks or {}).items(), key=lambda kv: -len(kv[0])))
 
     def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
                plain: bool = False) -> Any:
         from failcore._validation import to_jsonable
 
-        return self._trace.record(kind, call_id, scrub(to_jsonable(body), self._hidden))
-
-
-def scrub(value: Any, hidden: list[str]) -> Any:
-    """``value`` with every string in ``hidden`` replaced by ``<secret>``, at any depth.
-
-    The trace's scrubber, and the integrations' too: an error's text shown to an agent
-    (an MCP tool result, a framework's tool error) hides what the trace hides.
-    """
-    if isinstance(value, str):
-        for secret in hidden:
-            if secret in value:
-                value = value.replace(secret, "<secret>")
-        return value
-    if isinstance(value, dict):
-        return {scrub(k, hidden): scrub(v, hidden) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [scrub(v, hidden) for v in value]
-    return value
+        return self._trace.record(kind, call_id, scrub(to_jsonable(body), self._hidden, self._masks))
 
 
 class ObservedTrace:

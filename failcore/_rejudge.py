@@ -32,7 +32,8 @@ _GUARD_KEYS = tuple(GuardEvent.__annotations__)
 class RejudgePolicy(Protocol):
     """The part of ``failcore._policy.Policy`` re-judging needs."""
 
-    def grants(self, caps: Sequence[Any], default: DefaultPolicy) -> Grants: ...
+    def grants(self, caps: Sequence[Any], default: DefaultPolicy,
+               defaults: Sequence[Any] = ...) -> Grants: ...
 
     def precheck(self, grants: Grants, args: Mapping[str, Any]) -> list[tuple[str, Verdict]]: ...
 
@@ -85,8 +86,9 @@ def _default(value: Any) -> DefaultPolicy:
 def _tool_grants(policy: RejudgePolicy, body: Mapping[str, Any]) -> Grants:
     caps = [str(c) for c in body.get("capabilities") or []]
     default = _default(body.get("default_policy"))
+    added = [c for c in (str(d) for d in body.get("defaults") or []) if c in caps]
     try:
-        return policy.grants(caps, default)
+        return policy.grants(caps, default, added)
     except FailCoreError:
         # A capability the new policy's parser refuses grants nothing: judge with none.
         return policy.grants([], default)

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from failcore._errors import (
+    BudgetExceeded,
     CallCancelled,
     FailCoreError,
     InputValidationError,
@@ -24,6 +25,7 @@ _ERRORS: dict[str, type[FailCoreError]] = {
     "blocked": SecurityError, "invalid_input": InputValidationError,
     "invalid_output": OutputValidationError, "timeout": ToolTimeout, "crashed": WorkerCrashed,
     "resource": ResourceLimitExceeded, "failed": ToolFailed, "cancelled": CallCancelled,
+    "budget": BudgetExceeded,
 }
 
 
@@ -83,6 +85,8 @@ class Replayer:
         if cls is SecurityError:
             raise SecurityError(message, rule=error.get("rule", ""), target=error.get("target", ""),
                                 layer=error.get("layer", ""))
+        if cls is BudgetExceeded:
+            raise BudgetExceeded(message, budget=error.get("budget", ""))
         if cls is ToolFailed:
             raise ToolFailed(message, remote_type=error.get("remote_type", ""),
                              remote_message=error.get("message", ""),

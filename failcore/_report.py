@@ -26,7 +26,9 @@ class Attempt:
 
     call_id: str | None
     tool: str
-    layer: str  # "precheck" (layer 1, before dispatch) or "worker" (layer 3 guards)
+    # "precheck" (layer 1, before dispatch), "worker" (layer 3 guards), or a guardrail:
+    # "scan" (a finding; action block, warn or redact), "approval", "budget" (refusals)
+    layer: str
     what: str
     action: str
     rule: str
@@ -43,6 +45,9 @@ class CallSummary:
     error: dict[str, Any] | None = None
     granted: list[str] = dataclasses.field(default_factory=list)
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
+    findings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    approval: dict[str, Any] | None = None
+    budget_stop: str | None = None
 
 
 @dataclasses.dataclass
@@ -67,6 +72,7 @@ class TraceSummary:
     policies: list[str | None]
     tools: list[ToolSummary]
     calls: list[CallSummary]
+    budgets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def attempts(self) -> list[Attempt]:
@@ -84,12 +90,28 @@ class TraceSummary:
             "blocked": sum(a.action == "block" for a in attempts),
             "blocked_precheck": sum(a.action == "block" and a.layer == "precheck" for a in attempts),
             "blocked_worker": sum(a.action == "block" and a.layer == "worker" for a in attempts),
+            "blocked_proxy": sum(a.action == "block" and a.layer == "proxy" for a in attempts),
             "warnings": sum(a.action == "warn" for a in attempts),
+        }
+
+    def guardrails(self) -> dict[str, int]:
+        """Scan findings, approvals and budget stops, counted (``show`` and the report)."""
+        findings = [f for c in self.calls for f in c.findings]
+        approvals = [c.approval for c in self.calls if c.approval is not None]
+        return {
+            "scan_findings": len(findings),
+            "scan_blocked": sum(f.get("action") == "block" for f in findings),
+            "scan_redacted": sum(f.get("action") == "redact" for f in findings),
+            "approvals": len(approvals),
+            "approvals_refused": sum(a.get("decision") != "approved" for a in approvals),
+            "budget_stops": sum(c.budget_stop is not None for c in self.calls),
         }
 
     def to_json(self) -> dict[str, Any]:
         return {
             "counts": self.counts(),
+            "guardrails": self.guardrails(),
+            "budgets": self.budgets,
             "complete": self.complete,
             "failcore_version": self.failcore_version,
             "policies": self.policies,
@@ -121,6 +143,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> TraceSummary:
     policies: list[str | None] = []
     version: str | None = None
     last_tool: str | None = None
+    budgets: dict[str, dict[str, Any]] = {}
     for rec in records:
         kind = rec.get("kind")
         body = rec.get("body") if isinstance(rec.get("body"), dict) else {}
@@ -132,10 +155,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> TraceSummary:
         elif kind == "tool.register":
             name = str(body.get("tool", "?"))
             last_tool = name
+            # Side effects' defaults are shown as such, so an audit tells them from grants
+            # the tool asked for ("fs:scratch" names no capability, only the default).
+            defaults = [str(d) for d in body.get("defaults") or []]
+            caps = [str(c) for c in body.get("capabilities") or []]
+            shown = [f"{c} (default)" if c in defaults else c for c in caps]
+            shown += [f"{d} (default)" for d in defaults if d not in caps]
             tools[name] = ToolSummary(
                 name, str(body.get("risk_level", "?")), list(body.get("side_effects") or []),
                 str(body.get("default_policy", "?")), str(body.get("isolation", "?")),
-                list(body.get("capabilities") or []), dict(body.get("limits") or {}),
+                shown, dict(body.get("limits") or {}),
             )
             continue
         if not isinstance(cid, str):
@@ -163,10 +192,30 @@ def summarize(records: Sequence[dict[str, Any]]) -> TraceSummary:
                     str(f.get("rule", "")), str(f.get("reason", "")),
                 ))
         elif kind == "guard" and body.get("action") in ("block", "warn"):
+            # observed "parent": the guard's egress proxy saw it (failcore mcp guard)
+            layer = "proxy" if body.get("observed") == "parent" else "worker"
             call.attempts.append(Attempt(
-                cid, call.tool, "worker", f"{body.get('op', '?')} {guard_target(body)}",
+                cid, call.tool, layer, f"{body.get('op', '?')} {guard_target(body)}",
                 str(body["action"]), str(body.get("rule", "")), str(body.get("reason", "")),
             ))
+        elif kind in ("scan", "approval", "budget.check", "budget.charge"):
+            _guardrail(call, str(kind), body, budgets)
+        elif kind == "mcp.request":  # a tools/call to a guarded third-party server
+            call.tool = str(body.get("tool", call.tool))
+            call.args = body.get("arguments")
+        elif kind == "mcp.refuse":
+            call.status = "blocked"
+            call.error = {"type": "refused", "message": str(body.get("reason", "")),
+                          "rule": str(body.get("rule", ""))}
+            if body.get("stage") != "precheck":  # the pre-check's findings are attempts already
+                call.attempts.append(Attempt(
+                    cid, call.tool, "precheck", str(body.get("stage", "?")), "block",
+                    str(body.get("rule", "")), str(body.get("reason", ""))))
+        elif kind == "mcp.response":
+            if call.status != "blocked":
+                call.status = "failed" if body.get("is_error") else "ok"
+            duration = body.get("duration_ms")
+            call.duration_ms = duration if isinstance(duration, int | float) else None
         elif kind == "call.end":
             call.tool = str(body.get("tool", call.tool))
             call.status = str(body.get("status", "?"))
@@ -181,7 +230,51 @@ def summarize(records: Sequence[dict[str, Any]]) -> TraceSummary:
         policies=policies,
         tools=list(tools.values()),
         calls=list(calls.values()),
+        budgets=budgets,
     )
+
+
+def _guardrail(call: CallSummary, kind: str, body: dict[str, Any],
+               budgets: dict[str, dict[str, Any]]) -> None:
+    """Fold one scan / approval / budget record into its call (and the budget totals)."""
+    if kind == "scan":
+        direction = str(body.get("direction", "?"))
+        for f in body.get("findings") or []:
+            if not isinstance(f, dict):
+                continue
+            finding = dict(f, direction=direction)
+            call.findings.append(finding)
+            action = str(f.get("action", "?"))
+            if action in ("block", "warn", "redact"):
+                call.attempts.append(Attempt(
+                    call.call_id, call.tool, "scan", f"{f.get('where', '?')}: {f.get('kind', '?')}",
+                    action, f"scan: {f.get('kind', '?')}",
+                    f"{direction} scan found {f.get('kind', '?')} (digest {f.get('digest')}); "
+                    f"{_SCAN_EFFECT.get(action, action)}"))
+    elif kind == "approval":
+        call.approval = dict(body)
+        decision = str(body.get("decision", "?"))
+        if decision != "approved":
+            who = f" by {body['by']}" if body.get("by") else ""
+            call.attempts.append(Attempt(
+                call.call_id, call.tool, "approval", call.tool, "block", f"approval: {decision}",
+                f"approval {decision}{who}: {body.get('reason') or 'no reason given'}"))
+    else:
+        for counter in body.get("counters") or []:
+            if isinstance(counter, dict):
+                key = f"{counter.get('scope', '?')}.{counter.get('budget', '?')}"
+                budgets[key] = {"used": counter.get("used"), "limit": counter.get("limit")}
+        if kind == "budget.check" and body.get("ok") is False:
+            exceeded = str(body.get("exceeded", "?"))
+            call.budget_stop = exceeded
+            state = budgets.get(exceeded, {})
+            call.attempts.append(Attempt(
+                call.call_id, call.tool, "budget", exceeded, "block", f"budget: {exceeded}",
+                f"spent: {state.get('used')} of {state.get('limit')}"))
+
+
+_SCAN_EFFECT = {"block": "the call was refused", "redact": "masked for the caller",
+                "warn": "let through"}
 
 
 # --- HTML ------------------------------------------------------------------------------
@@ -202,7 +295,7 @@ code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12.
 td.id,td.num{white-space:nowrap}
 .badge{display:inline-block;border-radius:10px;padding:1px 8px;font-size:12px;font-weight:600;background:#eceef2}
 .s-ok,.v-ok{background:#dcfae6;color:#067647}.s-blocked,.a-block,.v-bad{background:#fee4e2;color:#b42318}
-.a-warn,.s-unfinished{background:#fef0c7;color:#a15c07}
+.a-warn,.a-redact,.s-unfinished,.s-budget{background:#fef0c7;color:#a15c07}
 .s-timeout,.s-crashed,.s-resource,.s-failed,.s-invalid_input,.s-invalid_output{background:#fde8d7;color:#93370d}
 ul.plain{margin:0;padding-left:16px}.muted{color:#8a93a3}
 details summary{cursor:pointer;color:#3b5bdb}
@@ -258,6 +351,41 @@ def _attempt_rows(attempts: list[Attempt]) -> list[str]:
     ]
 
 
+def _guardrails_html(summary: TraceSummary) -> str:
+    """Scan findings, approvals and budgets: only for traces that have them."""
+    finding_rows = [
+        f'<tr><td class="mono id">{_e(c.call_id)}</td><td>{_e(c.tool)}</td>'
+        f'<td>{_e(f.get("direction"))}</td><td><code>{_e(f.get("where"))}</code></td>'
+        f'<td>{_e(f.get("kind"))}{" (" + _e(f.get("encoding")) + ")" if f.get("encoding") else ""}</td>'
+        f'<td>{_badge(str(f.get("action")), "a-" + str(f.get("action")))}</td>'
+        f'<td><code>{_e(f.get("digest"))}</code></td></tr>'
+        for c in summary.calls for f in c.findings]
+    approval_rows = [
+        f'<tr><td class="mono id">{_e(c.call_id)}</td><td>{_e(c.tool)}</td>'
+        f'<td>{_badge(str(a.get("decision")), "v-ok" if a.get("decision") == "approved" else "v-bad")}</td>'
+        f'<td>{_e(a.get("by") or "")}</td><td>{_e(a.get("reason") or "")}</td>'
+        f'<td>{_e(", ".join(str(r) for r in a.get("required_by") or []))}</td>'
+        f'<td class="num">{_e(a.get("waited_ms"))} ms</td></tr>'
+        for c in summary.calls if (a := c.approval) is not None]
+    stops = {c.budget_stop for c in summary.calls if c.budget_stop}
+    budget_rows = [
+        f'<tr><td><code>{_e(key)}</code></td><td class="num">{_e(v.get("used"))}</td>'
+        f'<td class="num">{_e(v.get("limit"))}</td>'
+        f'<td>{_badge("spent", "v-bad") if key in stops else ""}</td></tr>'
+        for key, v in sorted(summary.budgets.items())]
+    return (
+        "<h2>Scan findings</h2>"
+        '<p class="muted">Kind, where and a salted hash of each match; the trace never holds '
+        "the matched value.</p>"
+        + _table(("call", "tool", "direction", "where", "kind", "action", "digest"), finding_rows,
+                 "No secrets or personal data found.", "findings")
+        + "<h2>Approvals</h2>"
+        + _table(("call", "tool", "decision", "by", "reason", "asked because", "waited"),
+                 approval_rows, "No call needed approval.", "approvals")
+        + "<h2>Budgets</h2>"
+        + _table(("budget", "used", "limit", ""), budget_rows, "No budgets.", "budgets"))
+
+
 def _summary_json(summary: TraceSummary, extra: dict[str, Any]) -> str:
     data = dict(summary.to_json(), **extra)
     text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=repr)
@@ -297,6 +425,8 @@ def render_report(
                 f"<b>{value}</b><span>{_e(label)}</span></div>")
 
     ok_calls = counts["status"].get("ok", 0)
+    guard = summary.guardrails()
+    guarded = any(guard.values()) or bool(summary.budgets)
     tiles = "".join((
         tile("calls", "calls", counts["calls"], ""),
         tile("ok", "ok", ok_calls, "good"),
@@ -305,6 +435,15 @@ def render_report(
         tile("tools", "tools", counts["tools"], ""),
         tile("records", "records", counts["records"], ""),
     ))
+    if guarded:  # traces without guardrail records keep the page they always had
+        tiles += "".join((
+            tile("scan_findings", "scan findings", guard["scan_findings"],
+                 "warn" if guard["scan_findings"] else ""),
+            tile("approvals", "approvals", guard["approvals"],
+                 "bad" if guard["approvals_refused"] else ""),
+            tile("budget_stops", "budget stops", guard["budget_stops"],
+                 "bad" if guard["budget_stops"] else ""),
+        ))
     status_line = ", ".join(f"{n} {_e(s)}" for s, n in counts["status"].items()) or "no calls"
     header_rows = [
         ("Trace file", f"<code>{_e(trace_path or '(in memory)')}</code>"),
@@ -345,6 +484,7 @@ def render_report(
             + "".join(f'<p>{_badge("warning", "a-warn")} {_e(m)}</p>' for m in verify.warnings)
         )
     attempt_headers = ("call", "tool", "layer", "what", "rule", "reason")
+    guardrails_section = _guardrails_html(summary) if guarded else ""
     extra = {
         "trace": trace_path,
         "verify": None if verify is None else {"ok": verify.ok, "errors": verify.errors,
@@ -369,6 +509,7 @@ def render_report(
 {_table(attempt_headers, _attempt_rows(blocked), "Nothing was blocked.", "blocked")}
 <h2>Warnings</h2>
 {_table(attempt_headers, _attempt_rows(warned), "No warnings.", "warnings")}
+{guardrails_section}
 <h2>Tools registered</h2>
 {_table(("tool", "risk", "side effects", "default", "isolation", "capabilities", "granted", "limits"),
         tool_rows, "No tools registered in this trace.", "tools")}

@@ -21,10 +21,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from failcore import _confinement
+from failcore._approval import ApprovalRequest, caller_loop
 from failcore._backend import Backend, Lease, Outcome, ToolSpec
+from failcore._budgets import Budget
 from failcore._capabilities import parse_capabilities
 from failcore._confinement import Confinement, ToolConfinement
 from failcore._errors import (
+    BudgetExceeded,
     CallCancelled,
     ConfinementUnavailable,
     FailCoreError,
@@ -34,11 +37,13 @@ from failcore._errors import (
     SecurityError,
     ToolFailed,
 )
+from failcore._guardrails import Guardrails, status_of
 from failcore._metadata import DefaultPolicy, ToolMetadata
 from failcore._policy import Policy
 from failcore._privilege import PrivilegePlan
 from failcore._recording import NoTrace, ObservedTrace, Observer, ScrubbingTrace, current_context
 from failcore._replay import Replayer
+from failcore._scan import Scan
 from failcore._token import TokenMinter, ToolGrants
 from failcore._tool import (
     TOOL_NAME,
@@ -54,7 +59,8 @@ from failcore_worker.rules import GuardEvent
 
 # Detail kept in call.end so replay can re-raise the same error: (record key, attribute).
 _ERROR_DETAIL = (("rule", "rule"), ("target", "target"), ("layer", "layer"),
-                 ("remote_type", "remote_type"), ("traceback", "remote_traceback"))
+                 ("remote_type", "remote_type"), ("traceback", "remote_traceback"),
+                 ("budget", "budget"))
 
 
 def _start_body(tool: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +114,13 @@ class Session:
     capabilities, no_new_privs): ``"auto"`` uses what the kernel has, ``"require"`` raises
     ``ConfinementUnavailable`` unless every one is in force, ``"off"`` skips them (to
     measure their cost; see SECURITY.md). ``session.confinement`` says what is in force.
+
+    Guardrails (see ``failcore._guardrails``): ``budgets``, a ``Budget`` for the whole
+    session (with the policy's ``[budget]``, the tighter of both); ``scan``, a ``Scan``
+    (composed with the policy's ``[scan]``), ``None`` for the policy's or the default
+    (every kind ``warn``), ``False`` for none; ``approve``, a callable (sync or async)
+    asked before each call of a HIGH/CRITICAL tool or a tool the policy marks
+    ``approve = true``, refused after ``approval_timeout_s``.
     """
 
     def __init__(self, validator: Policy | None = None, trace: str | os.PathLike[str] | None = None,
@@ -115,7 +128,10 @@ class Session:
                  max_workers_per_tool: int = 2, worker_user: str | int | None = "auto",
                  watchdog_interval_s: float = 0.05,
                  trace_result_bytes: int = 1024 * 1024, async_threads: int = 16,
-                 backend: Backend | None = None, confinement: str = "auto") -> None:
+                 backend: Backend | None = None, budgets: Budget | None = None,
+                 scan: Scan | bool | None = None,
+                 approve: Callable[[ApprovalRequest], Any] | None = None,
+                 approval_timeout_s: float = 300.0, confinement: str = "auto") -> None:
         from failcore import __version__, presets
         from failcore._local import LocalBackend
         from failcore._trace import TraceWriter
@@ -125,6 +141,7 @@ class Session:
         self._async_threads = async_threads
         mode = _confinement.check_mode(confinement)
         self.policy: Policy = validator if validator is not None else presets.allow_all()
+        self._guardrails = Guardrails(self.policy, budgets, scan, approve, approval_timeout_s)
         self._tools: dict[str, Tool] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -190,6 +207,7 @@ class Session:
             self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        self._guardrails.close()
         if self._backend is not None:
             self._backend.close()
             atexit.unregister(self._backend.close)
@@ -215,12 +233,13 @@ class Session:
         metadata = metadata if metadata is not None else ToolMetadata()
         if not isinstance(metadata, ToolMetadata):
             raise RegistrationError(f"{name}: metadata must be a ToolMetadata, got {type(metadata).__name__}")
-        caps = parse_capabilities(metadata.capabilities)
-        check_invariants(name, metadata, caps)
+        declared = parse_capabilities(metadata.capabilities)
+        added, defaults = check_invariants(name, metadata, declared)
+        caps = declared + added
         models = build_models(name, fn, input_model=metadata.input_model,
                               output_model=metadata.output_model, secret=metadata.secret,
                               description=metadata.description)
-        grants = self.policy.grants(caps, metadata.default_policy)
+        grants = self.policy.grants(caps, metadata.default_policy, added)
         granted, refused = self.policy.intersect(caps)
         parts = ToolGrants.build(grants, metadata.limits.to_wire())
         try:
@@ -242,6 +261,8 @@ class Session:
                 raise RegistrationError(f"{name}: the session is closed")
             if name in self._tools:
                 raise RegistrationError(f"tool {name!r} is already registered")
+            self._guardrails.register(name, metadata, tuple(str(c) for c in granted),
+                                      models.secret_fields)
             self._tools[name] = Tool(name, fn, metadata, caps, models, parts, spec, kernel)
         self._trace.record("tool.register", None, {
             "tool": name, "risk_level": metadata.risk_level.value,
@@ -250,6 +271,7 @@ class Session:
             "capabilities": [str(c) for c in caps], "limits": metadata.limits.to_wire(),
             "isolation": metadata.effective_isolation, "network": network,
             "kernel_notes": list(kernel.notes),
+            **({"defaults": list(defaults)} if defaults else {}),
         })
         self._trace.record("policy.grants", None, {
             "tool": name, "granted": [str(c) for c in granted],
@@ -328,6 +350,7 @@ class Session:
         handle = _CallHandle()
         # The caller's context (call_context labels) travels into the worker thread.
         ctx = contextvars.copy_context()
+        ctx.run(caller_loop.set, loop)  # an async approver runs on the caller's loop
         try:
             return await loop.run_in_executor(
                 self._executor, ctx.run, self._call_with, handle, name, kwargs)
@@ -359,9 +382,19 @@ class Session:
         started = time.monotonic()
         models = tool.models
         hidden = secret_values(tool, kwargs)
-        trace = ScrubbingTrace(self._trace, hidden) if hidden else self._trace
+        guardrails = self._guardrails
+        # Guardrail: scan the outgoing arguments before anything is recorded.
+        arg_scan = guardrails.scan_arguments(tool.name, kwargs)
+        masks = arg_scan.masks if arg_scan is not None else {}
+        trace = ScrubbingTrace(self._trace, hidden, masks) if hidden or masks else self._trace
         trace.record("call.start", call_id, _start_body(tool.name, models.redact(kwargs)),
                      plain=True)
+        if arg_scan is not None:
+            try:
+                kwargs = guardrails.check_scan(trace, call_id, tool.name, "arguments", arg_scan)
+            except SecurityError as err:
+                self._end(call_id, tool.name, "blocked", None, err, started, trace)
+                raise
         try:
             args = models.validate_input(kwargs)
         except InputValidationError as err:
@@ -381,6 +414,12 @@ class Session:
                     f"[rule: {verdict.rule}]", rule=verdict.rule, target=arg, layer="precheck")
                 self._end(call_id, tool.name, "blocked", None, denied, started, trace)
                 raise denied
+        # Guardrail: budgets are reserved and the approver asked, before a token exists.
+        try:
+            admission = guardrails.admit(tool.name, call_id, models.redact(kwargs), masks, trace)
+        except (SecurityError, BudgetExceeded) as err:
+            self._end(call_id, tool.name, status_of(err), None, err, started, trace)
+            raise
         limits = tool.limits
         token, mac = self._minter.mint(call_id, tool.name, tool.parts, limits.timeout_s)
         trace.record("token.mint", call_id, {"grants_sha256": tool.parts.grants_sha256,
@@ -394,13 +433,17 @@ class Session:
             unsendable = InputValidationError(
                 f"{tool.name}: the arguments cannot be sent to a worker: "
                 f"{type(exc).__name__}: {exc}; pass plain data (str, numbers, lists, dicts, models)")
+            guardrails.release(admission)
             self._end(call_id, tool.name, "invalid_input", None, unsendable, started, trace)
             raise unsendable from None
+        dispatched = time.monotonic()
         try:
             outcome = self._dispatch(tool, call_id, call_frame)
         except FailCoreError as exc:  # no worker could be had (e.g. the zygote is restarting)
+            guardrails.release(admission)
             self._end(call_id, tool.name, "crashed", None, exc, started, trace)
             raise
+        wall_s = time.monotonic() - dispatched
         for event in outcome.events:
             if self.policy.warn_only and event.get("action") == "allow":
                 # Audit mode: the worker enforced only the tool's own grants; say what the
@@ -412,14 +455,27 @@ class Session:
         if outcome.error is not None:
             if isinstance(outcome.error, ToolFailed):
                 restore_source(outcome.error, tool.fn)
+            guardrails.settle(admission, call_id, outcome.cpu_s, wall_s, None, trace)
             self._end(call_id, tool.name, outcome.status, None, outcome.error, started, trace)
             raise outcome.error
         try:
             value = models.validate_output(outcome.value)
         except OutputValidationError as err:
+            guardrails.settle(admission, call_id, outcome.cpu_s, wall_s, None, trace)
             trace.record("validate.output", call_id, {"ok": False, "errors": err.errors})
             self._end(call_id, tool.name, "invalid_output", None, err, started, trace)
             raise
+        guardrails.settle(admission, call_id, outcome.cpu_s, wall_s, value, trace)
+        # Guardrail: scan the result; its findings are masked in the call.end record.
+        result_scan = guardrails.scan_result(value)
+        returned = value
+        if result_scan is not None:
+            trace = ScrubbingTrace(self._trace, hidden, {**masks, **result_scan.masks})
+            try:
+                returned = guardrails.check_scan(trace, call_id, tool.name, "result", result_scan)
+            except SecurityError as err:
+                self._end(call_id, tool.name, "blocked", None, err, started, trace)
+                raise
         result: Any = None
         if self._tracing:
             if outcome.recv_bytes > self._trace_result_bytes:
@@ -428,9 +484,9 @@ class Session:
                 result = {"$omitted": "result larger than trace_result_bytes",
                           "reply_bytes": outcome.recv_bytes}
             else:
-                result = models.output_to_json(value)
+                result = models.output_to_json(value)  # the scrubbing trace masks findings
         self._end(call_id, tool.name, "ok", result, None, started, trace)
-        return value
+        return returned
 
     def _dispatch(self, tool: Tool, call_id: str, call_frame: bytes) -> Outcome:
         outcome = self._dispatch_once(tool, call_id, call_frame)

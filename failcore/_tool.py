@@ -16,7 +16,7 @@ from typing import Any
 import cloudpickle
 
 from failcore._backend import ToolSpec
-from failcore._capabilities import Capability
+from failcore._capabilities import PUBLIC, Capability, NetConnect
 from failcore._confinement import ToolConfinement
 from failcore._errors import RegistrationError, ToolFailed
 from failcore._metadata import NETWORK_MODES, DefaultPolicy, RiskLevel, SideEffect, ToolMetadata
@@ -79,7 +79,23 @@ def ship(fn: Callable[..., Any]) -> bytes:
         cloudpickle.unregister_pickle_by_value(module)
 
 
-def check_invariants(name: str, md: ToolMetadata, caps: tuple[Capability, ...]) -> None:
+# A declared side effect with no capability of its kind gets its conservative default
+# (SPEC section 3). NETWORK: the public internet, any port (a real grant, marked as a
+# default in the token). FILESYSTEM: the call's own scratch directory, which every call
+# has anyway, so nothing is added; the label records the default for an audit.
+NETWORK_DEFAULT = NetConnect(PUBLIC)
+FS_SCRATCH_DEFAULT = "fs:scratch"
+
+
+def check_invariants(name: str, md: ToolMetadata,
+                     caps: tuple[Capability, ...]) -> tuple[tuple[Capability, ...], tuple[str, ...]]:
+    """Refuse metadata that breaks SPEC section 3; return the side effects' defaults.
+
+    Returns ``(capabilities added by default, default labels)``: for NETWORK with no net
+    capability ``((net:connect:public,), ("net:connect:public",))``, for FILESYSTEM with
+    no fs capability ``((), ("fs:scratch",))``. PROCESS and ENVIRONMENT have no safe
+    default: a RegistrationError that shows the capability to add.
+    """
     policy = DefaultPolicy(md.default_policy)
     if RiskLevel(md.risk_level) in (RiskLevel.HIGH, RiskLevel.CRITICAL) and policy is DefaultPolicy.ALLOW:
         raise RegistrationError(
@@ -96,17 +112,27 @@ def check_invariants(name: str, md: ToolMetadata, caps: tuple[Capability, ...]) 
             f"{name}: network='host' keeps the host's network for a client that connects "
             "from C; it needs side_effect=SideEffect.NETWORK and net:connect capabilities")
     declared = md.side_effects
-    covered = {SideEffect(c.side_effect) for c in caps}
-    for effect in sorted(declared - covered, key=lambda e: e.value):
-        raise RegistrationError(
-            f"{name}: declares side effect {effect.value} but no capability grants it; add "
-            f"e.g. {_EXAMPLE[effect]} or remove the side effect")
     for cap in caps:
         if SideEffect(cap.side_effect) not in declared:
             raise RegistrationError(
                 f"{name}: capability {cap} is outside the declared side effects "
                 f"({', '.join(sorted(e.value for e in declared)) or 'NONE'}); declare "
                 f"SideEffect.{SideEffect(cap.side_effect).value} or drop the capability")
+    covered = {SideEffect(c.side_effect) for c in caps}
+    added: list[Capability] = []
+    labels: list[str] = []
+    for effect in sorted(declared - covered, key=lambda e: e.value):
+        if effect is SideEffect.NETWORK:
+            added.append(NETWORK_DEFAULT)
+            labels.append(str(NETWORK_DEFAULT))
+        elif effect is SideEffect.FILESYSTEM:
+            labels.append(FS_SCRATCH_DEFAULT)
+        else:
+            raise RegistrationError(
+                f"{name}: declares side effect {effect.value} but no capability grants it, "
+                f"and {effect.value} has no safe default; add e.g. "
+                f"capabilities=[{_EXAMPLE[effect]!r}] or remove the side effect")
+    return tuple(added), tuple(labels)
 
 
 def secret_values(tool: Tool, kwargs: dict[str, Any]) -> list[str]:
@@ -127,8 +153,6 @@ def secret_values(tool: Tool, kwargs: dict[str, Any]) -> list[str]:
     return sorted(set(hidden), key=len, reverse=True)
 
 _EXAMPLE = {
-    SideEffect.NETWORK: "net:connect:api.example.com:443",
-    SideEffect.FILESYSTEM: "fs:read:/srv/data",
     SideEffect.PROCESS: "proc:exec:/usr/bin/git",
     SideEffect.ENVIRONMENT: "env:API_TOKEN",
 }

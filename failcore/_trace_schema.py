@@ -34,8 +34,9 @@ Action = Literal["allow", "warn", "block"]
 Isolation = Literal["tool", "call"]
 CallStatus = Literal[
     "ok", "blocked", "invalid_input", "invalid_output", "timeout", "crashed", "resource",
-    "failed", "replayed", "cancelled",
+    "failed", "replayed", "cancelled", "budget",
 ]
+ScanAction = Literal["off", "warn", "redact", "block"]
 
 
 class _Strict(BaseModel):
@@ -95,15 +96,10 @@ class CallError(_Strict):
     target: str | None = None
     layer: str | None = None
     remote_type: str | None = None
+    budget: str | None = None  # BudgetExceeded: which budget ("session.calls")
 
 
 # --- bodies, one per kind ------------------------------------------------------------
-
-
-class ConfinementLayer(_Strict):
-    name: str
-    in_force: bool
-    reason: str
 
 
 class ConfinementTool(_Strict):
@@ -119,7 +115,7 @@ class ConfinementBody(_Strict):
     mode: Literal["auto", "require", "off"]
     landlock_abi: int = Field(ge=0)
     landlock_rights: list[str]
-    layers: list[ConfinementLayer]
+    layers: dict[str, ConfinementLayer]
     tools: list[ConfinementTool]
 
 
@@ -140,6 +136,9 @@ class ToolRegisterBody(_Strict):
     isolation: Isolation
     network: Literal["none", "host"] | None = None
     kernel_notes: list[str] | None = None  # what its Landlock ruleset leaves out, and why
+    # Side effects' defaults (SPEC section 3): "net:connect:public" (also in capabilities)
+    # for NETWORK with no net capability, "fs:scratch" for FILESYSTEM with no fs one.
+    defaults: list[str] | None = None
 
 
 class CallStartBody(_Strict):
@@ -225,8 +224,150 @@ class WorkerKillBody(_Strict):
     pid: int | None
 
 
+class ScanFinding(_Strict):
+    """One scanner finding: its kind, where (an argument or result path), the action taken
+    and an HMAC of the matched text under the session's salt; never the text itself."""
+
+    kind: str
+    where: str
+    action: ScanAction
+    digest: str | None = Field(pattern=r"^[0-9a-f]{16}$")
+    encoding: Literal["split", "base64"] | None = None
+
+
+class ScanBody(_Strict):
+    direction: Literal["arguments", "result"]
+    findings: list[ScanFinding]
+
+
+class BudgetCounter(_Strict):
+    """One counter of one scope ("session" or "tool:NAME"): its use and its limit."""
+
+    scope: str
+    budget: str  # calls | calls_per_minute | cpu_s | wall_s | sum:FIELD.PATH
+    used: int | float = Field(ge=0)
+    limit: int | float = Field(gt=0)
+
+
+class BudgetCheckBody(_Strict):
+    """Budgets before a call: ``ok`` false when one was spent (``exceeded`` names it)."""
+
+    ok: bool
+    counters: list[BudgetCounter]
+    exceeded: str | None
+
+
+class BudgetChargeBody(_Strict):
+    """What a dispatched call used, and the counters after charging it."""
+
+    cpu_s: float = Field(ge=0)
+    wall_s: float = Field(ge=0)
+    sums: dict[str, float]
+    counters: list[BudgetCounter]
+
+
+class ApprovalBody(_Strict):
+    """The approver's decision on a call, who made it, why it was asked, how long it took."""
+
+    decision: Literal["approved", "denied", "timeout", "error"]
+    by: str | None
+    reason: str | None
+    required_by: list[str]
+    waited_ms: float = Field(ge=0)
+
+
 class SessionEndBody(_Strict):
     calls: int = Field(ge=0)
+
+
+class ConfinementLayer(_Strict):
+    in_force: bool
+    reason: str
+
+
+class LandlockRule(_Strict):
+    path: str
+    rights: list[str]
+    why: list[str]
+
+
+class GuardLimitsBody(_Strict):
+    """A guarded MCP server's limits (``[server]`` of the guard policy)."""
+
+    timeout_s: float
+    memory_mb: int
+    processes: int
+    open_files: int
+    file_size_mb: int
+
+
+class McpServerStartBody(_Strict):
+    """``failcore mcp guard`` started a third-party server confined: the command, what the
+    kernel enforces (per layer, and why not), every Landlock rule and why it is there."""
+
+    command: list[str]
+    pid: int
+    confinement: dict[str, ConfinementLayer]
+    landlock_abi: int
+    landlock: list[LandlockRule]
+    notes: list[str]
+    proxy: bool
+    limits: GuardLimitsBody
+    server: dict[str, str] | None
+
+
+class McpTool(_Strict):
+    name: str
+    served: bool
+    reason: str
+    input_schema_sha256: str
+
+
+class McpToolsBody(_Strict):
+    """The server's tool listing and which tools the guard serves."""
+
+    tools: list[McpTool]
+
+
+class McpRequestBody(_Strict):
+    """A request from the agent (``tools/call`` carries the tool and its arguments)."""
+
+    method: str
+    request_id: str | int | None
+    tool: str | None = None
+    arguments: dict[str, Any] | None = None
+
+
+class McpRefuseBody(_Strict):
+    """The guard answered a ``tools/call`` itself, without forwarding it."""
+
+    tool: str
+    stage: Literal["unknown", "disabled", "validate", "precheck"]
+    rule: str
+    reason: str
+
+
+class McpResponseBody(_Strict):
+    """What the agent got back: the server's result (text truncated past a bound, with the
+    digest of the whole), or the guard's refusal, or a protocol error."""
+
+    method: str
+    request_id: str | int | None
+    tool: str | None = None
+    is_error: bool
+    forwarded: bool
+    content: Any
+    truncated: bool
+    result_sha256: str
+    duration_ms: float
+    error: str | None = None
+
+
+class McpServerStopBody(_Strict):
+    reason: str
+    calls: int = Field(ge=0)
+    refused: int = Field(ge=0)
+    proxy_connections: int = Field(ge=0)
 
 
 # --- records ---------------------------------------------------------------------------
@@ -309,15 +450,66 @@ class WorkerKill(_Record):
     body: WorkerKillBody
 
 
+class Scan(_Record):
+    kind: Literal["scan"]
+    body: ScanBody
+
+
+class BudgetCheck(_Record):
+    kind: Literal["budget.check"]
+    body: BudgetCheckBody
+
+
+class BudgetCharge(_Record):
+    kind: Literal["budget.charge"]
+    body: BudgetChargeBody
+
+
+class Approval(_Record):
+    kind: Literal["approval"]
+    body: ApprovalBody
+
+
 class SessionEnd(_Record):
     kind: Literal["session.end"]
     body: SessionEndBody
 
 
+class McpServerStart(_Record):
+    kind: Literal["mcp.server.start"]
+    body: McpServerStartBody
+
+
+class McpTools(_Record):
+    kind: Literal["mcp.tools"]
+    body: McpToolsBody
+
+
+class McpRequest(_Record):
+    kind: Literal["mcp.request"]
+    body: McpRequestBody
+
+
+class McpRefuse(_Record):
+    kind: Literal["mcp.refuse"]
+    body: McpRefuseBody
+
+
+class McpResponse(_Record):
+    kind: Literal["mcp.response"]
+    body: McpResponseBody
+
+
+class McpServerStop(_Record):
+    kind: Literal["mcp.server.stop"]
+    body: McpServerStopBody
+
+
 _MODELS: tuple[type[_Record], ...] = (
     SessionStart, ToolRegister, CallStart, ValidateInput, PolicyPrecheck, PolicyGrants,
     TokenMint, IpcSend, IpcRecv, Guard, ValidateOutput, CallEnd, WorkerSpawn, WorkerKill,
-    SessionEnd,
+    Scan, BudgetCheck, BudgetCharge, Approval, SessionEnd,
+    McpServerStart, McpTools, McpRequest, McpRefuse, McpResponse, McpServerStop,
 )
 
 KINDS: frozenset[str] = frozenset(
@@ -327,7 +519,9 @@ KINDS: frozenset[str] = frozenset(
 TraceRecord = Annotated[
     SessionStart | ToolRegister | CallStart | ValidateInput | PolicyPrecheck | PolicyGrants
     | TokenMint | IpcSend | IpcRecv | Guard | ValidateOutput | CallEnd | WorkerSpawn
-    | WorkerKill | SessionEnd,
+    | WorkerKill | Scan | BudgetCheck | BudgetCharge | Approval
+    | SessionEnd | McpServerStart | McpTools | McpRequest | McpRefuse
+    | McpResponse | McpServerStop,
     Field(discriminator="kind"),
 ]
 

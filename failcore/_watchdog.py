@@ -7,7 +7,9 @@ resident memory against ``memory_mb``, child processes when no ``proc:exec`` is 
 the number of descendants against ``Limits.processes`` (root ignores RLIMIT_NPROC), and
 the inet connections of the worker *and every descendant* (a program run under
 ``proc:exec`` is not guarded inside: this is where its connections are judged) to a
-blocked special range or when no network is granted. psutil matches a process's socket
+blocked special range or when no network is granted. Connections are judged with
+``rules.check_address``: the guards' own decision (net_safe's containment rule,
+``public``), wherever it does not depend on names. psutil matches a process's socket
 descriptors against the *parent's* network namespace tables: it sees host-network
 workers' connections (``ToolMetadata(network="host")``: where this matters most) and
 descriptors the broker passed in, not sockets inside a confined worker's empty namespace
@@ -16,7 +18,8 @@ descriptors the broker passed in, not sockets inside a confined worker's empty n
 
 from __future__ import annotations
 
-import ipaddress
+import functools
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -49,14 +52,10 @@ def violation(worker: Worker, proc: psutil.Process) -> tuple[str, str] | None:
         for conn in conns:
             if not conn.raddr:
                 continue
-            ip, port = conn.raddr.ip, conn.raddr.port
-            if not grants.net and grants.default == "block":
-                return "net", f"connection to {ip}:{port}{who} with no net:connect granted"
-            if grants.block_ranges and rules.special_range(ipaddress.ip_address(ip)) is not None:
-                verdict = rules.check_connect(grants, ip, port)
-                if verdict.action == "block":
-                    return "net", (f"connection to {ip}:{port}{who}: {verdict.reason} "
-                                   f"[rule: {verdict.rule}]")
+            found = connection_violation(grants, conn.raddr.ip, conn.raddr.port,
+                                         conn.type == socket.SOCK_DGRAM)
+            if found is not None:
+                return "net", found + who
     return None
 
 
@@ -68,6 +67,41 @@ def _tree_connections(proc: psutil.Process, children: list[int]) -> Iterator[tup
             yield pid, psutil.Process(pid).net_connections(kind="inet")
         except psutil.Error:
             continue  # exited meanwhile
+
+
+def connection_violation(grants: rules.Grants, ip: str, port: int, udp: bool = False) -> str | None:
+    """Why an open connection breaks ``grants`` as seen from outside, or None.
+
+    Judged by ``rules.check_address``: the same decision the guards make, minus what
+    needs the names that resolved to the address (a name capability may cover it). The
+    C resolver's own queries (UDP to a nameserver in /etc/resolv.conf, port 53) are the
+    runtime's, not the tool's: a lookup the guards allowed.
+    """
+    if udp and port == 53 and ip in _nameservers():
+        return None
+    if not grants.net and grants.default == "block":
+        return f"connection to {ip}:{port} with no net:connect granted"
+    verdict = rules.check_address(grants, ip, port)
+    if verdict is None or verdict.action != "block":
+        return None
+    return f"connection to {ip}:{port}: {verdict.reason} [rule: {verdict.rule}]"
+
+
+@functools.lru_cache(maxsize=1)
+def _nameservers() -> frozenset[str]:
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return frozenset()
+    found = set()
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            ip = rules.parse_ip(words[1])
+            if ip is not None:
+                found.add(str(ip))
+    return frozenset(found)
 
 
 class Watchdog:

@@ -35,7 +35,9 @@ def _shipped(name: str) -> Policy:
 
 def net_safe(strict: bool = True) -> Policy:
     """Block loopback, private, link-local (cloud metadata), CGNAT, multicast, reserved and
-    unspecified ranges, IPv4 and IPv6, unless a capability names the address itself.
+    unspecified ranges, IPv4 and IPv6, unless a capability lying inside the range names
+    it (``10.1.2.0/24``); one merely containing a blocked range (``0.0.0.0/0``) covers
+    only its public part.
 
     ``strict=False`` is audit mode: the same checks, recorded as warnings, nothing blocked
     by this policy (a tool's own ``default_policy=BLOCK`` still blocks).

@@ -9,13 +9,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` lives at the repo root
 
-from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _runner  # noqa: E402
+from benchmarks import _anchor, _baselines, _broker_bench, _failcore_bench, _runner, _scan_bench  # noqa: E402
 from benchmarks._report import bounds_section, checks, profile_notes  # noqa: E402
 from benchmarks._timing import Row, Unavailable, percentile  # noqa: E402
 
 TINY = _runner.Sizes(direct_batches=2, direct_per_batch=10, pipe=5, pools=3, python_start=1,
                      warm=5, warm_sparse=2, fresh=3, fresh_sparse=2, warm_tput=16, fresh_tput=8,
-                     anchor=3)
+                     anchor=3, scan=20)
 
 
 def _ok(row: Row, unit: str) -> None:
@@ -58,6 +58,16 @@ def test_idle_memory() -> None:
     assert [r.key for r in rows] == ["idle_rss", "idle_uss", "zygote_rss"]
     for r in rows:
         _ok(r, "MB")
+
+
+def test_scan_rows() -> None:
+    small, json_kb, log_kb = _scan_bench.measure_scan(20)
+    _ok(small, "µs")
+    _ok(json_kb, "µs/KB")
+    _ok(log_kb, "µs/KB")
+    on, off = _scan_bench.measure_call_with_scan(3, 1)
+    assert (on.key, off.key) == ("warm_small_scan_on", "warm_small_scan_off")
+    _ok(on, "µs")
 
 
 def test_anchor_failure_is_reported_not_raised(tmp_path: Path) -> None:
@@ -145,6 +155,19 @@ def test_kernel_rows() -> None:
     assert [r.key for r in rows] == ["start_on", "start_off", "start_prepare"]
     for r in rows:
         _ok(r, "µs")
+
+
+@pytest.mark.timeout(120)
+def test_mcp_guard_rows() -> None:
+    pytest.importorskip("mcp")
+    from benchmarks import _mcp_guard_bench
+
+    rows = _mcp_guard_bench.measure_guard(3, 1)
+    by_key = {r.key: r for r in rows if isinstance(r, Row)}
+    for key in ("mcp_server_direct", "mcp_guard", "mcp_server_direct_start", "mcp_guard_start"):
+        _ok(by_key[key], "µs")
+    assert "x direct" in by_key["mcp_guard"].note
+    assert "through `failcore mcp guard`" in _mcp_guard_bench.summary(by_key)
 
 
 def test_brokered_connect() -> None:

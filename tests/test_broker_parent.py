@@ -24,12 +24,12 @@ from pydantic import ValidationError
 
 from failcore import _broker_lookup
 from failcore._broker import Broker, BrokerAnswer, BrokerLimits, send_answer
-from failcore._broker_lookup import LookupTimeout, check_resolve
+from failcore._broker_lookup import LookupTimeout
 from failcore._trace_schema import GuardBody
 from failcore_worker import _broker as worker_broker
 from failcore_worker import _broker_channel, _broker_names, _guard_judge, protocol
 from failcore_worker._guard_names import NameBook
-from failcore_worker.rules import Grants, NetRule
+from failcore_worker.rules import Grants, NetRule, check_resolve
 
 
 @pytest.fixture
@@ -83,6 +83,8 @@ GRANTS = [
     Grants(net=(NetRule("10.0.0.0/8", 0, 65535, "net:connect:10.0.0.0/8"),)),
     Grants(net=(NetRule("localhost", 80, 80, "net:connect:localhost:80"),), block_ranges=True),
     Grants(net=(NetRule("*", 0, 65535, "net:connect:*"),), block_ranges=True),
+    Grants(net=(NetRule("public", 0, 65535, "net:connect:public"),)),
+    Grants(net=(NetRule("public", 443, 443, "net:connect:public:443"),), block_ranges=True),
 ]
 NAMES = ["api.example.test", "evil.example.test", "other.test", "localhost", "metadata",
          "x.internal", "1.2.3.4", "127.0.0.1", "169.254.169.254", "0x7f.1", "a.nip.io",
@@ -104,7 +106,7 @@ def _worker_decision(grants: Grants, name: str, port: int) -> tuple[str, str]:
 
 @pytest.mark.parametrize("grants", GRANTS)
 def test_check_resolve_is_the_guards_decision(grants: Grants) -> None:
-    """Until rules.check_resolve lands, the broker's copy must agree with the worker's."""
+    """The broker judges lookups with rules.check_resolve, as the worker's guard does."""
     for name in NAMES:
         for port in (0, 80, 443):
             verdict = check_resolve(grants, name, port)

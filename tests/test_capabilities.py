@@ -16,12 +16,11 @@ from failcore._capabilities import (
     FsWrite,
     NetConnect,
     ProcExec,
-    covers,
-    meet,
     parse_capabilities,
     parse_capability,
     to_rules,
 )
+from failcore._capability_meet import covers, meet
 from failcore._errors import CapabilityError, RegistrationError
 from failcore._metadata import SideEffect
 from failcore_worker.rules import FsRule, NetRule
@@ -40,6 +39,12 @@ VALID = [
     ("net:connect:[fd00::]/8:443", NetConnect("fd00::/8", 443, 443), None),
     ("net:connect:[::1]/128", NetConnect("::1/128"), None),
     ("net:connect:my_host-1.internal:1-65535", NetConnect("my_host-1.internal", 1, 65535), None),
+    ("net:connect:public", NetConnect("public"), None),
+    ("net:connect:PUBLIC:443", NetConnect("public", 443, 443), "net:connect:public:443"),
+    ("net:connect:public@0.0.0.0/0:443", NetConnect("public@0.0.0.0/0", 443, 443), None),
+    ("net:connect:public@[::]/0", NetConnect("public@::/0"), None),
+    ("net:connect:public@8.8.8.0/24", NetConnect("8.8.8.0/24"), "net:connect:8.8.8.0/24"),
+    ("net:connect:public.example.com", NetConnect("public.example.com"), None),
     ("fs:read:/srv/data", FsRead("/srv/data"), None),
     ("fs:read:/srv//data/./x/", FsRead("/srv/data/x"), "fs:read:/srv/data/x"),
     ("fs:write:/", FsWrite("/"), None),
@@ -90,7 +95,11 @@ INVALID = [
     ("net:connect:10.0.0.0/x", "bad prefix length"),
     ("net:connect:[fd00::1]/8", "host bits set"),
     ("net:connect:a.*.com", "wildcard in the middle"),
-    ("net:connect:*", "would grant every host"),
+    ("net:connect:*", "or write 'public' for every public address"),
+    ("net:connect:public@10.0.0.0/8", "holds no public address"),
+    ("net:connect:public@example.com", "'public@' takes an IP or a CIDR"),
+    ("net:connect:public:", "PORT after ':' is empty"),
+    ("net:connect:public:0", "out of range"),
     ("net:connect:**.a.com", "wildcard in the middle"),
     ("net:connect:a..com", "bad label ''"),
     ("net:connect:-a.com", "bad label '-a'"),
@@ -206,6 +215,19 @@ def test_to_rules(tmp_path: os.PathLike[str]) -> None:
         ("proc:exec:git", "proc:exec:git", "proc:exec:git"),
         ("proc:exec:git", "proc:exec:/usr/bin/git", None),
         ("env:A", "fs:read:/A", None),
+        ("net:connect:public", "net:connect:public:443", "net:connect:public:443"),
+        ("net:connect:public", "net:connect:0.0.0.0/0:443", "net:connect:public@0.0.0.0/0:443"),
+        ("net:connect:public", "net:connect:[::]/0", "net:connect:public@[::]/0"),
+        ("net:connect:public", "net:connect:8.8.8.0/24", "net:connect:8.8.8.0/24"),
+        ("net:connect:public", "net:connect:10.0.0.0/8", None),
+        ("net:connect:public", "net:connect:10.0.0.0/7", "net:connect:public@10.0.0.0/7"),
+        ("net:connect:public", "net:connect:169.254.169.254", None),
+        ("net:connect:public", "net:connect:api.github.com:443", None),
+        ("net:connect:public", "net:connect:*.github.com", None),
+        ("net:connect:public@0.0.0.0/0", "net:connect:10.0.0.0/7", "net:connect:public@10.0.0.0/7"),
+        ("net:connect:public@0.0.0.0/0", "net:connect:public@10.0.0.0/7:22",
+         "net:connect:public@10.0.0.0/7:22"),
+        ("net:connect:public@0.0.0.0/0", "net:connect:public@[::]/0", None),
     ],
 )
 def test_meet(a: str, b: str, expected: str | None) -> None:
@@ -258,6 +280,38 @@ _capability_text = st.one_of(
     st.from_regex(r"[a-z][a-z0-9._+-]{0,10}", fullmatch=True).map(lambda n: f"proc:exec:{n}"),
     _paths.filter(lambda p: p != "/").map(lambda p: f"proc:exec:{p}"),
 )
+
+
+_net_hosts = st.sampled_from([
+    "public", "public@0.0.0.0/0", "public@[::]/0", "0.0.0.0/0", "[::]/0", "10.0.0.0/7",
+    "10.0.0.0/8", "169.0.0.0/8", "8.8.8.0/24", "[::ffff:0:0]/96", "[2002::]/16",
+    "127.0.0.1", "api.example.com"])
+_probes = st.sampled_from([
+    "8.8.8.8", "10.0.0.5", "11.0.0.1", "169.254.169.254", "169.1.1.1", "127.0.0.1",
+    "::ffff:8.8.8.8", "::ffff:169.254.169.254", "2606:4700::1111", "2002:a9fe:a9fe::1",
+    "2002:808:808::1"])
+
+
+@given(_net_hosts, _net_hosts, _probes, st.booleans())
+def test_meet_with_public_is_exact_on_addresses(a: str, b: str, ip: str, block: bool) -> None:
+    """meet(a, b) covers exactly the addresses both cover; with public involved this holds
+    under net_safe too (public is public-only either way). Allow-list patterns are
+    capabilities: under net_safe a grant inside a blocked range opens it even when the
+    allow entry it came from (a supernet) would not, so the general case is block=False."""
+    from failcore_worker.rules import covers_address, parse_ip
+
+    ca, cb = parse_capability(f"net:connect:{a}"), parse_capability(f"net:connect:{b}")
+    assert isinstance(ca, NetConnect) and isinstance(cb, NetConnect)
+    block = block and "public" in a + b
+    addr = parse_ip(ip)
+    assert addr is not None
+    both = covers_address(ca.host, addr, block) and covers_address(cb.host, addr, block)
+    m = meet(ca, cb)
+    got = isinstance(m, NetConnect) and covers_address(m.host, addr, block)
+    assert got <= both, (a, b, ip, block, m)  # sound: never more than both grant
+    families = {"6" if "[" in h else "4" for h in (a, b) if h not in ("public", "api.example.com")}
+    if len(families) < 2:  # an IPv4 and an IPv6 block never meet (see _capability_meet)
+        assert got == both, (a, b, ip, block, m)
 
 
 @given(_capability_text)

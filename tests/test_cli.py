@@ -46,7 +46,7 @@ class FakePolicy:
 
     name = "fake"
 
-    def grants(self, caps: Any, default: DefaultPolicy) -> Grants:
+    def grants(self, caps: Any, default: DefaultPolicy, defaults: Any = ()) -> Grants:
         return Grants(default=default.value.lower())  # type: ignore[arg-type]
 
     def precheck(self, grants: Grants, args: Mapping[str, Any]) -> list[tuple[str, Verdict]]:
@@ -99,9 +99,9 @@ def test_rejudge_passes_tool_grants_and_args(sample: Path) -> None:
     seen: list[tuple[str, Any]] = []
 
     class Spy(AllowAll):
-        def grants(self, caps: Any, default: DefaultPolicy) -> Grants:
+        def grants(self, caps: Any, default: DefaultPolicy, defaults: Any = ()) -> Grants:
             seen.append(("grants", (list(caps), default)))
-            return super().grants(caps, default)
+            return super().grants(caps, default, defaults)
 
         def precheck(self, grants: Grants, args: Mapping[str, Any]) -> list[tuple[str, Verdict]]:
             seen.append(("precheck", dict(args)))
@@ -333,3 +333,44 @@ def test_console_entry_point_in_a_real_process(sample: Path, tmp_path: Path) -> 
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "not valid UTF-8" in proc.stderr
+
+
+def test_policy_check_warns_about_allow_entries_holding_blocked_ranges(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "wide.toml"
+    path.write_text('[policy]\nblock_ranges = true\nallow = ["net:connect:0.0.0.0/0:443", '
+                    '"net:connect:10.1.2.0/24", "net:connect:public", '
+                    '"net:connect:[::]/0"]\n', encoding="utf-8")
+    code, out, _ = run(capsys, "policy", "check", str(path))
+    assert code == 0 and out.splitlines()[-1] == f"OK: {path} (2 warning(s))", out
+    lines = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert "allow entry net:connect:0.0.0.0/0:443 contains ranges net_safe blocks" in lines[0]
+    assert "10.0.0.0/8 (private)" in lines[0] and "and 13 more" in lines[0]
+    assert "net:connect:[::]/0" in lines[1] and "::1/128 (loopback)" in lines[1]
+    assert "10.1.2.0/24" not in " ".join(lines).split("e.g.")[0]  # inside 10/8: no warning
+    open_path = tmp_path / "open.toml"
+    open_path.write_text('[policy]\nallow = ["net:connect:169.0.0.0/8"]\n', encoding="utf-8")
+    code, out, _ = run(capsys, "policy", "check", str(open_path))
+    assert code == 0 and "block_ranges is off" in out and "169.254.0.0/16" in out
+    assert "net:connect:public@169.0.0.0/8" in out
+
+
+def test_replay_warns_about_recorded_grants_holding_blocked_ranges(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from failcore import Session, SideEffect, ToolMetadata
+
+    trace = tmp_path / "trace.jsonl"
+    with Session(trace=trace) as s:
+        s.register("wide", lambda: 1, ToolMetadata(
+            side_effect=SideEffect.NETWORK, capabilities=["net:connect:10.0.0.0/7:5432"]))
+        s.register("narrow", lambda: 1, ToolMetadata(
+            side_effect=SideEffect.NETWORK, capabilities=["net:connect:10.1.2.0/24"]))
+    code, out, _ = run(capsys, "replay", str(trace), "--policy",
+                       str(ROOT / "policies" / "net_safe.toml"))
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1, out
+    assert "tool wide: recorded grant net:connect:10.0.0.0/7:5432 contains" in warnings[0]
+    assert "10.0.0.0/8 (private)" in warnings[0]
+    code, out, _ = run(capsys, "replay", str(trace), "--policy",
+                       str(ROOT / "policies" / "net_safe.toml"), "--json")
+    assert len(json.loads(out)["warnings"]) == 1

@@ -158,3 +158,69 @@ def test_dangling_link_created_later_is_judged_by_its_target(root: Path) -> None
     assert not check_path(g, f"{root}/dangling", True).allowed
     (root.parent / "outside" / "created-later").write_text("now it exists")
     assert not check_path(g, f"{root}/dangling", False).allowed
+
+
+# --- layer 1: percent-encoded forms ----------------------------------------------------------
+# The kernel takes "%2e%2e" literally (insides() above), but a tool may percent-decode its
+# argument before opening it, so the pre-check judges every decoding and keeps the worse.
+
+
+def encoded_escapes(r: Path) -> list[str]:
+    return [
+        f"{r}/%2e%2e/outside/secret",
+        f"{r}/%2E%2E/outside/secret",
+        f"{r}/%2e%2e%2foutside%2fsecret",
+        f"{r}%2F%2E%2E%2Foutside%2Fsecret",
+        f"{r}/%2e./outside/secret",
+        f"{r}/.%2E/outside/secret",
+        f"{r}/..%2foutside/secret",
+        f"{r}/a/%2e%2e%5c%2e%2e%5coutside%5csecret",
+        f"{r}/%252e%252e/outside/secret",
+        f"{r}/%25252e%25252e%25252foutside/secret",
+        f"{r}/a/%2e%2e/%2e%2e/outside/secret",
+        f"file://{r}/%2e%2e/outside/secret",
+        f"file://{r}/%252e%252e/outside/secret",
+        "%2Fetc%2Fpasswd",
+    ]
+
+
+@pytest.mark.parametrize("index", range(14))
+def test_layer1_judges_every_percent_decoding(root: Path, index: int) -> None:
+    from failcore import presets
+
+    policy = presets.fs_safe(root=str(root))
+    g = policy.grants([f"fs:read:{root}"])
+    form = encoded_escapes(root)[index]
+    findings = policy.precheck(g, {"path": form})
+    assert findings and findings[0][1].action == "block", (form, findings)
+    assert findings[0][1].rule.startswith("fs_safe: outside"), findings
+
+
+def test_layer1_keeps_literal_names_that_decode_inside(root: Path) -> None:
+    """Decoding that stays inside, and overlong UTF-8 (``%c0%ae`` is U+FFFD to Python's
+    decoder and a plain name to the kernel, never a dot), pass the pre-check."""
+    from failcore import presets
+
+    policy = presets.fs_safe(root=str(root))
+    g = policy.grants([f"fs:read:{root}"])
+    for form in (f"{root}/a/%66", f"{root}/%c0%ae%c0%ae/outside/secret",
+                 f"{root}/%e0%80%ae%e0%80%ae/outside", f"{root}/100%/x"):
+        assert policy.precheck(g, {"path": form}) == [], form
+
+
+def test_a_session_refuses_an_encoded_traversal_before_dispatch(root: Path) -> None:
+    from failcore import SecurityError, Session, SideEffect, ToolMetadata, presets
+
+    def read(path: str) -> str:
+        from urllib.parse import unquote
+
+        with open(unquote(path)) as f:
+            return f.read()
+
+    with Session(validator=presets.fs_safe(root=str(root))) as s:
+        s.register("read", read, ToolMetadata(side_effect=SideEffect.FILESYSTEM,
+                                              capabilities=[f"fs:read:{root}"]))
+        assert s.call("read", path=f"{root}/a/%66") == "in"
+        with pytest.raises(SecurityError) as err:
+            s.call("read", path=f"{root}/%2e%2e/outside/secret")
+    assert err.value.layer == "precheck"

@@ -75,15 +75,17 @@ def counts_from_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     pre = [f for r in records if r["kind"] == "policy.precheck" for f in r["body"]["findings"]]
     guards = [r["body"] for r in records if r["kind"] == "guard"]
     blocked_pre = sum(f["action"] == "block" for f in pre)
-    blocked_worker = sum(g["action"] == "block" for g in guards)
+    blocked_worker = sum(g["action"] == "block" and g.get("observed") != "parent" for g in guards)
+    blocked_proxy = sum(g["action"] == "block" and g.get("observed") == "parent" for g in guards)
     return {
         "records": len(records),
         "calls": len({r["call_id"] for r in records if r["call_id"] is not None}),
         "tools": len({r["body"]["tool"] for r in records if r["kind"] == "tool.register"}),
         "status": dict(sorted(Counter(r["body"]["status"] for r in ends).items())),
-        "blocked": blocked_pre + blocked_worker,
+        "blocked": blocked_pre + blocked_worker + blocked_proxy,
         "blocked_precheck": blocked_pre,
         "blocked_worker": blocked_worker,
+        "blocked_proxy": blocked_proxy,
         "warnings": sum(f["action"] == "warn" for f in pre) + sum(g["action"] == "warn" for g in guards),
     }
 

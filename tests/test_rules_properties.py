@@ -135,7 +135,9 @@ def test_parse_ip_and_check_host_never_crash(text: str) -> None:
 # --- the subset order ----------------------------------------------------------------------
 
 HOSTS = ["a.example.com", "b.example.com", "*.example.com", "example.com", "10.0.0.0/8",
-         "10.1.0.0/16", "10.1.2.3", "127.0.0.1", "localhost", "*"]
+         "10.1.0.0/16", "10.1.2.3", "127.0.0.1", "localhost", "*", "0.0.0.0/0", "10.0.0.0/7",
+         "8.8.8.0/24", "public", "public@0.0.0.0/0", "public@10.0.0.0/7", "::/0",
+         "::ffff:10.0.0.0/104", "2002::/16", "0.0.0.0/8"]
 PATHS = ["/srv", "/srv/a", "/srv/a/b", "/srvx", "/opt"]
 PORTS = [(0, 65535), (443, 443), (80, 443), (8080, 8080)]
 
@@ -169,7 +171,9 @@ def test_subset_is_transitive(a: Grants, b: Grants, c: Grants) -> None:
         assert a.is_subset_of(c)
 
 
-PROBE_IPS = ["10.1.2.3", "10.9.9.9", "127.0.0.1", "93.184.216.34", "::ffff:10.1.2.3"]
+PROBE_IPS = ["10.1.2.3", "10.9.9.9", "127.0.0.1", "93.184.216.34", "::ffff:10.1.2.3",
+             "8.8.8.8", "::ffff:8.8.8.8", "11.0.0.1", "169.254.169.254", "2002:a9fe:a9fe::1",
+             "2002:808:808::1", "0.1.2.3", "0.0.0.0", "64:ff9b::a0a:a0a"]
 PROBE_NAMES = [(), ("a.example.com",), ("example.com",), ("x.a.example.com",)]
 PROBE_PATHS = ["/srv/a/b/c", "/srv/a/x", "/srv/q", "/srvx/y", "/opt/z", "/etc/passwd"]
 
@@ -209,6 +213,7 @@ def test_subset_is_sound(data: st.DataObject, small: Grants, ip: str, port: int,
             assert any(env_matches(p, env) for p in b.env)
 
 
+@settings(max_examples=1000)
 @given(grants(), grants(), st.sampled_from(PROBE_IPS), st.sampled_from(PROBE_NAMES),
        st.sampled_from(PROBE_PATHS))
 def test_random_pairs_in_the_order_are_sound(a: Grants, b: Grants, ip: str,
@@ -263,3 +268,39 @@ def test_dotdot_never_escapes_a_root(tmp_path_factory: pytest.TempPathFactory, d
     really_inside = ups <= depth
     g = Grants(fs_root=root, default="allow")
     assert check_path(g, path, True).allowed == really_inside, path
+
+
+@pytest.mark.parametrize("small_blocks, big_blocks", [(True, True), (True, False), (False, False)])
+def test_rule_order_is_sound_for_every_pair_of_hosts(small_blocks: bool, big_blocks: bool) -> None:
+    """Exhaustive over HOSTS: whenever one rule is within another, every probe the first
+    allows, the second allows (the containment rule and ``public`` included)."""
+    within = 0
+    for a in HOSTS:
+        for b in HOSTS:
+            small = Grants(net=(NetRule(a),), block_ranges=small_blocks)
+            big = Grants(net=(NetRule(b),), block_ranges=big_blocks)
+            if not small.is_subset_of(big):
+                continue
+            within += 1
+            for ip in PROBE_IPS:
+                for names in PROBE_NAMES:
+                    if check_connect(small, ip, 443, names).allowed:
+                        assert check_connect(big, ip, 443, names).allowed, (a, b, ip, names)
+    assert within > len(HOSTS)  # not only the reflexive pairs
+
+
+@pytest.mark.parametrize("inner, outer, blocks, expected", [
+    ("public@0.0.0.0/0", "public", True, True),
+    ("8.8.8.0/24", "public", False, True),
+    ("10.0.0.0/7", "public", True, True),     # under net_safe it covers only 11.0.0.0/8
+    ("10.0.0.0/7", "public", False, False),   # without it, 10.0.0.0/8 as well
+    ("10.1.0.0/16", "10.0.0.0/8", True, True),
+    ("10.1.0.0/16", "10.0.0.0/7", True, False),  # the inner opens 10.1/16, the outer does not
+    ("10.1.0.0/16", "10.0.0.0/7", False, True),
+    ("public", "0.0.0.0/0", False, False),
+    ("public@0.0.0.0/0", "0.0.0.0/0", True, True),
+])
+def test_rule_order_examples(inner: str, outer: str, blocks: bool, expected: bool) -> None:
+    small = Grants(net=(NetRule(inner),), block_ranges=blocks)
+    big = Grants(net=(NetRule(outer),), block_ranges=blocks)
+    assert small.is_subset_of(big) == expected

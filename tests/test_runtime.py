@@ -318,8 +318,10 @@ def test_registration_invariants(session: Session) -> None:
     with pytest.raises(RegistrationError, match="ALLOW"):
         session.register("x", add, ToolMetadata(risk_level=RiskLevel.HIGH,
                                                 default_policy=DefaultPolicy.ALLOW))
-    with pytest.raises(RegistrationError, match="NETWORK"):
-        session.register("x", add, ToolMetadata(side_effect=SideEffect.NETWORK))
+    with pytest.raises(RegistrationError, match=r"PROCESS.*capabilities=\['proc:exec:/usr/bin/git'\]"):
+        session.register("x", add, ToolMetadata(side_effect=SideEffect.PROCESS))
+    with pytest.raises(RegistrationError, match=r"ENVIRONMENT.*capabilities=\['env:API_TOKEN'\]"):
+        session.register("x", add, ToolMetadata(side_effect=SideEffect.ENVIRONMENT))
     with pytest.raises(RegistrationError, match="outside the declared side effects"):
         session.register("x", add, ToolMetadata(capabilities=["fs:read:/tmp"]))
     with pytest.raises(RegistrationError, match="already registered"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
@@ -210,3 +211,133 @@ def special_range(ip: IPAddress) -> tuple[str, str] | None:
         block = ipaddress.IPv6Network(((n >> 125) << 125, 3))
         return str(block), "reserved (outside global unicast 2000::/3)"
     return None
+
+
+# --- public addresses and address blocks ----------------------------------------------------
+
+IPv4Net = ipaddress.IPv4Network
+IPv6Net = ipaddress.IPv6Network
+Net = IPv4Net | IPv6Net
+
+
+def is_public(ip: IPAddress) -> bool:
+    """True when ``ip`` is globally routable: in no special range, looking through every
+    IPv4 embedding (mapped, compatible, translated, NAT64, 6to4, Teredo). This is what
+    ``net:connect:public`` covers."""
+    return special_range(ip) is None
+
+
+# IPv6 blocks where every address embeds an IPv4 one in its low 32 bits (kind, prefix).
+_LOW32 = (
+    (0xFFFF << 32, "IPv4-mapped", "::ffff:0:0/96"),
+    (0xFFFF << 48, "IPv4-translated", "::ffff:0:0:0/96"),
+    (0x64FF9B << 96, "NAT64", "64:ff9b::/96"),
+)
+# Wholly special whatever they embed (see _SPECIAL_EMBEDDING), or all outside 2000::/3.
+_ALL_SPECIAL_V6 = tuple(ipaddress.IPv6Network(c) for c in (
+    "::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "4000::/2", "8000::/1"))
+_EMBEDDING_V6 = tuple(ipaddress.IPv6Network(c) for c in (
+    "::ffff:0:0/96", "64:ff9b::/96", "2002::/16", "2001::/32"))
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_V4_NETS = tuple(ipaddress.IPv4Network(c) for c, _ in _V4_TABLE)
+_V6_NETS = tuple(ipaddress.IPv6Network(c) for c, _ in _V6_TABLE)
+
+
+@lru_cache(maxsize=256)
+def parse_network(cidr: str) -> Net:
+    return ipaddress.ip_network(cidr, strict=False)
+
+
+def embedded_network(net: IPv6Net) -> tuple[str, str, IPv4Net] | None:
+    """(kind, prefix, IPv4 block) when every address of ``net`` embeds an IPv4 address the
+    same way and those addresses are exactly that block; None otherwise.
+
+    The IPv6 counterpart of ``embedded_v4`` for address blocks: ``::ffff:10.0.0.0/104``
+    is ("IPv4-mapped", "::ffff:0:0/96", 10.0.0.0/8); a 6to4 block ``2002:a9fe::/32``
+    is ("6to4", "2002::/16", 169.254.0.0/16); a Teredo block longer than /96 maps to the
+    inverted client bits. NAT64 local-use (64:ff9b:1::/48) is wholly special, so it is
+    never projected.
+    """
+    first, p = int(net.network_address), net.prefixlen
+    for base, kind, prefix in _LOW32:
+        if p >= 96 and first >> 32 == base >> 32:
+            return kind, prefix, IPv4Net((first & _M32, p - 96))
+    if p >= 96 and first >> 32 == 0 and first > 1:  # not "::" or "::1", special themselves
+        return "IPv4-compatible", "::/96", IPv4Net((first & _M32, p - 96))
+    if p >= 16 and first >> 112 == 0x2002:
+        return "6to4", "2002::/16", IPv4Net(((first >> 80) & _M32, min(p - 16, 32)))
+    if p >= 96 and first >> 96 == 0x20010000:
+        last = int(net.broadcast_address)
+        return "Teredo", "2001::/32", IPv4Net((~last & _M32, p - 96))
+    return None
+
+
+def network_inside(net: Net, ip: IPAddress) -> bool:
+    """True when the whole of ``net`` lies in the special range ``ip`` is in.
+
+    This is net_safe's containment rule: a grant opens a blocked address only when the
+    grant lies inside the blocked range (``10.1.2.0/24`` inside ``10.0.0.0/8``), never
+    when it merely contains it (``0.0.0.0/0``). For an IPv6 address that embeds a special
+    IPv4 one, ``net`` must be inside that IPv4 range: as IPv4 (a grant naming the IPv4
+    block covers its translated forms), or as IPv6 embedding it the same way.
+    """
+    found = special_range(ip)
+    if found is None:
+        return False
+    cidr = parse_network(found[0])
+    if cidr.version == net.version:
+        return net.subnet_of(cidr)  # type: ignore[arg-type]
+    if isinstance(net, IPv6Net) and isinstance(ip, IPv6) and isinstance(cidr, IPv4Net):
+        inner, block = embedded_v4(ip), embedded_network(net)
+        return (inner is not None and block is not None and inner[:2] == block[:2]
+                and block[2].subnet_of(cidr))
+    return False
+
+
+def network_publicness(net: Net) -> str:
+    """"all", "none" or "some": how much of ``net`` is public (see ``is_public``).
+
+    Exact for IPv4 and for IPv6 blocks inside an embedding; for other IPv6 blocks an
+    overlap with an embedding region counts as "some" (such a block always holds both).
+    """
+    if net.num_addresses == 1:
+        return "all" if is_public(net.network_address) else "none"
+    if isinstance(net, IPv4Net):
+        if any(net.subnet_of(s) for s in _V4_NETS):
+            return "none"
+        return "some" if any(net.overlaps(s) for s in _V4_NETS) else "all"
+    block = embedded_network(net)
+    if block is not None:
+        if block[1] in _SPECIAL_EMBEDDING:
+            return "none"
+        return network_publicness(block[2])
+    if any(net.subnet_of(s) for s in _V6_NETS + _ALL_SPECIAL_V6):
+        return "none"
+    if not net.subnet_of(_GLOBAL_UNICAST) or any(
+            net.overlaps(s) for s in _V6_NETS + _EMBEDDING_V6):
+        return "some"
+    return "all"
+
+
+def blocked_ranges_in(net: Net) -> list[tuple[str, str]]:
+    """The special ranges ``net`` contains without lying inside them: what a grant of
+    ``net`` would reopen if containment were enough (``0.0.0.0/0`` lists every IPv4 one)."""
+    found: list[tuple[str, str]] = []
+    if isinstance(net, IPv4Net):
+        table: tuple[tuple[str, str], ...] = _V4_TABLE
+    else:
+        block = embedded_network(net)
+        if block is not None:
+            kind, prefix, v4 = block
+            return [(c, f"{label} via {kind} {prefix}") for c, label in blocked_ranges_in(v4)]
+        table = _V6_TABLE + tuple(
+            (str(e), f"{kind} forms of the blocked IPv4 ranges") for e, kind in zip(
+                _EMBEDDING_V6, ("IPv4-mapped", "NAT64", "6to4", "Teredo"), strict=True))
+    for cidr, label in table:
+        special = parse_network(cidr)
+        if net.overlaps(special) and not net.subnet_of(special):  # type: ignore[arg-type]
+            found.append((cidr, label))
+    if isinstance(net, IPv6Net) and not net.subnet_of(_GLOBAL_UNICAST) and not any(
+            net.subnet_of(s) for s in _V6_NETS + _ALL_SPECIAL_V6):
+        found.append(("outside 2000::/3", "reserved (outside global unicast 2000::/3)"))
+    return found

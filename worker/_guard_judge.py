@@ -78,9 +78,7 @@ def decide(verdict: Verdict, subject: GuardSubject, quiet: bool = False) -> None
 
 
 def default(what: str, add: str) -> Verdict:
-    g = state.grants
-    rule = f"default_policy={g.default.upper()}"
-    return Verdict(g.default, rule, what if g.default == "allow" else f"{what}; add {add}")
+    return rules.default_verdict(state.grants, what, add)
 
 
 def _fd_path(fd: int) -> str | None:
@@ -166,34 +164,11 @@ def _judge_ip(op: str, ip: str, port: int, shown: str, names: tuple[str, ...] = 
     decide(verdict, {"op": op, "target": target, "host": ip, "port": port, "names": list(known)})
 
 
-def _is_address_rule(host: str) -> bool:
-    return "/" in host or host == "localhost" or rules.parse_ip(host) is not None
-
-
 def judge_resolve(host: Any, port: Any) -> None:
     if host is None:
         return
     name = os.fsdecode(host) if isinstance(host, bytes) else str(host)
     number = port if isinstance(port, int) else int(port) if str(port).isdigit() else 0
-    grants = state.grants
-    if rules.parse_ip(name) is not None:
-        # Resolving a literal is a no-op; stop it early only where its connect must fail.
-        verdict = rules.check_host(grants, name, number)
-        if verdict.action == "block" and verdict.rule.startswith("net_safe"):
-            decide(verdict, {"op": "net.resolve", "target": name, "host": name, "port": number})
-        return
-    if not grants.net and grants.default == "block":
-        verdict = Verdict("block", "default_policy=BLOCK",
-                          f"this tool has no net capability, so DNS lookups (a data channel of "
-                          f"their own) are refused; add net:connect:{name}")
-    else:
-        verdict = rules.check_host(grants, name, number)
-        address_rules = any(_is_address_rule(r.host) for r in grants.net)
-        if verdict.action != "block" or not (verdict.rule.startswith("net_safe") or not address_rules):
-            # A name no rule names may still resolve into a granted IP or CIDR, so with
-            # address rules the lookup must happen and the connect decides. With only name
-            # rules, a name no rule covers can never be connected to: refuse the lookup,
-            # since the query itself carries data to whoever serves that name.
-            verdict = Verdict("allow", "resolve: judged at connect",
-                              "names are judged on the addresses they resolve to")
-    decide(verdict, {"op": "net.resolve", "target": name, "host": name, "port": number})
+    verdict = rules.check_resolve(state.grants, name, number)
+    decide(verdict, {"op": "net.resolve", "target": name, "host": name, "port": number},
+           quiet=verdict.rule == rules.RULE_LITERAL)

@@ -33,7 +33,6 @@ from failcore_worker._guard_judge import (
     WRITE_FLAGS,
     GuardDenied,
     decide,
-    default,
     judge_address,
     judge_exec,
     judge_path,
@@ -220,15 +219,7 @@ def _on_system(args: tuple[Any, ...]) -> None:
 
 
 def _on_fork(args: tuple[Any, ...]) -> None:
-    g = state.grants
-    if g.deny_exec:
-        verdict = Verdict("block", "strict: exec denied", "strict() denies fork and every subprocess")
-    elif g.exec:
-        verdict = Verdict("allow", "fork: exec granted", "the tool may run subprocesses")
-    else:
-        verdict = default("no capability covers fork (only proc:exec grants may fork)",
-                           "proc:exec:PROGRAM for the program the child runs")
-    decide(verdict, {"op": "proc.exec", "target": "fork"})
+    decide(rules.check_fork(state.grants), {"op": "proc.fork", "target": "fork"})
 
 
 def _on_resolve(args: tuple[Any, ...]) -> None:

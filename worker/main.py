@@ -275,6 +275,7 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
         guards.runtime_end()
     state.used_dir = cwd
     guards.set_call(checked, cwd)
+    cpu_before = _cpu_used()
     try:
         value = state.fn(**body["args"])
         reply: tuple[str, dict[str, Any]] = ("result", {"value": value})
@@ -303,6 +304,9 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
                                           "rule": "event cap",
                                           "reason": f"{dropped} further events not reported"}]
     reply[1]["events"] = events
+    # CPU this process used for the call (threads included, subprocesses not): the
+    # parent charges it to the tool's CPU budget.
+    reply[1]["cpu_s"] = round(max(0.0, _cpu_used() - cpu_before), 6)
     if reply[0] == "result":
         reply[1]["retire"] = state.stacked or state.cpu_hard - _cpu_used() < state.cpu_s + 1
     elif state.stacked:

@@ -10,8 +10,9 @@ Messages, parent -> worker:
   ("call", {"token": bytes, "mac": str, "args": dict})
   ("exit", {})
 Worker -> parent:
-  ("result", {"value": obj, "events": [GuardEvent], "retire": bool})
-  ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...]})
+  ("result", {"value": obj, "events": [GuardEvent], "retire": bool, "cpu_s": float})
+  ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...],
+              "cpu_s": float})
 
 The socket broker (issue 16): a confined worker has no network, so while a call runs its
 socket factory asks the parent. Worker -> parent, as JSON data frames (``encode_data``):
@@ -362,3 +363,72 @@ def split_token(token: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     if not isinstance(header, dict):
         raise ValueError("malformed token header")
     return header, parts[1], parts[2]
+
+
+# --- confined exec (``failcore mcp guard``): parent <-> launcher, JSON frames both ways ---
+#
+# The launcher (``failcore_worker.confined_exec``) runs a third-party program confined.
+# parent -> launcher: ("exec.plan", ExecPlan)
+# launcher -> parent: ("exec.listener", {"port": int}) with the listening socket's
+#   descriptor (SCM_RIGHTS), only when ``proxy`` was asked for; then ("exec.ready",
+#   ExecReport) just before execve, or ("exec.failed", ExecFailure) instead. The channel is
+#   close-on-exec: end of file after "exec.ready" means the program is running.
+
+EXEC_PLAN = "exec.plan"
+EXEC_LISTENER = "exec.listener"
+EXEC_READY = "exec.ready"
+EXEC_FAILED = "exec.failed"
+MAX_EXEC_FRAME = 4 * 1024 * 1024
+
+
+class ExecRlimits(TypedDict):
+    """Limits set with soft == hard (so the program cannot raise them back); None: leave."""
+
+    data_bytes: int | None
+    processes: int | None
+    open_files: int | None
+    file_size_bytes: int | None
+
+
+class ExecPlan(TypedDict):
+    """parent -> launcher: how to confine, then what to exec.
+
+    ``argv[0]`` is the resolved executable. ``landlock_paths``: (path, Landlock rights)
+    pairs, nothing else is reachable. ``connect_ports``: TCP ports connect may reach (the
+    proxy's is added by the launcher). ``require``: layers that must be in force, or the
+    launcher refuses to exec. ``uid``/``gid``: drop to them (root only), or None.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    netns: bool
+    proxy: bool
+    landlock_paths: list[tuple[str, int]]
+    connect_ports: list[int]
+    rlimits: ExecRlimits
+    uid: int | None
+    gid: int | None
+    require: list[str]
+
+
+class ExecLayer(TypedDict):
+    in_force: bool
+    reason: str
+
+
+class ExecReport(TypedDict):
+    """launcher -> parent ``exec.ready``: per layer, in force or not and why; the pid that
+    will become the program; the Landlock ABI and how many path rules were added."""
+
+    pid: int
+    layers: dict[str, ExecLayer]
+    landlock_abi: int
+    rules: int
+
+
+class ExecFailure(TypedDict):
+    """launcher -> parent ``exec.failed``: which stage failed and why (nothing was run)."""
+
+    stage: str
+    message: str

@@ -4,13 +4,17 @@ The parent's pre-check (layer 1) and the worker's guards (layer 3) judge with th
 same code, so a URL refused before dispatch is refused for the same reason at
 connect time. Nothing here does I/O except resolving paths (``os.path.realpath`` in
 ``check_path``, a PATH lookup in ``check_exec``); never DNS. Standard library only.
-IP parsing and range tables live in ``_addresses``, the wire format and subset order in
-``_grants_wire``.
+IP parsing and range tables live in ``_addresses``, what one net rule covers (``public``,
+net_safe's containment rule) in ``_net_match``, the ``Grants`` type with its wire format
+and subset order in ``grants`` (re-exported here). One home per decision: the worker's
+guards, the parent's pre-check, the socket broker, the watchdog and replay all call these.
 
 INTERFACE CONTRACT (other modules code against these names; keep them stable):
   Verdict, NetRule, FsRule, Grants, GuardEvent
-  parse_ip, special_range, check_connect, check_host, check_path, check_exec, env_matches
-  (helpers for the guards: check_resolved_path, real_path, RULE_IMPLICIT_READ, RULE_SCRATCH)
+  parse_ip, special_range, is_public, check_connect, check_host, check_resolve,
+  check_address, check_path, check_exec, check_fork, default_verdict, env_matches, worse
+  (helpers for the guards: check_resolved_path, real_path, RULE_IMPLICIT_READ, RULE_SCRATCH,
+  RULE_LITERAL; for warnings: covers_address, blocked_inside, PUBLIC)
 """
 
 from __future__ import annotations
@@ -21,116 +25,47 @@ import re
 import shutil
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal
 from urllib.parse import unquote
 
-from failcore_worker import _grants_wire
-from failcore_worker._addresses import TRANSLATED, embedded_v4, parse_ip, special_range
+from failcore_worker._addresses import is_public, parse_ip, special_range
+from failcore_worker._net_match import (
+    PUBLIC,
+    blocked_inside,
+    candidates,
+    covers_address,
+    covers_name,
+    is_address_rule,
+    rule_target,
+)
+from failcore_worker.grants import (
+    SEVERITY,
+    Action,
+    FsRule,
+    Grants,
+    NetRule,
+    Verdict,
+    env_matches,
+    under,
+    worse,
+)
 from failcore_worker.protocol import GuardEvent
 
 __all__ = [
     "Action", "IPAddress", "Verdict", "NetRule", "FsRule", "Grants", "GuardEvent",
-    "parse_ip", "special_range", "check_connect", "check_host", "check_path",
-    "check_resolved_path", "real_path", "check_exec", "env_matches", "RULE_IMPLICIT_READ",
-    "RULE_SCRATCH",
+    "parse_ip", "special_range", "is_public", "check_connect", "check_host", "check_resolve",
+    "check_address", "check_path", "check_resolved_path", "real_path", "check_exec",
+    "env_matches", "covers_address", "blocked_inside", "PUBLIC", "RULE_IMPLICIT_READ",
+    "RULE_SCRATCH", "RULE_LITERAL", "SEVERITY", "under", "worse", "default_verdict",
+    "check_fork",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Action = Literal["allow", "warn", "block"]
 
 # Rules of the verdicts for the worker's own, routine file access; the guards leave
 # these out of the trace so it shows what the tool did, not what the import system did.
 RULE_IMPLICIT_READ = "implicit read"
 RULE_SCRATCH = "scratch dir"
-
-_RANK = {"block": 0, "warn": 1, "allow": 2}
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One decision. ``rule`` names the rule that decided, ``reason`` says what to change."""
-
-    action: Action
-    rule: str
-    reason: str
-
-    @property
-    def allowed(self) -> bool:
-        return self.action != "block"
-
-
-@dataclass(frozen=True)
-class NetRule:
-    """One ``net:connect:HOST[:PORT]`` grant. ``host``: lowercase DNS name, ``*.suffix``,
-    an IP literal or a CIDR. ``source``: the capability string, used to name the rule."""
-
-    host: str
-    port_lo: int = 0
-    port_hi: int = 65535
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class FsRule:
-    """One ``fs:read:PATH`` / ``fs:write:PATH`` grant; ``path`` is absolute and normalised."""
-
-    path: str
-    write: bool
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class Grants:
-    """Everything a worker may do for one call (or, for a warm worker, at most).
-
-    ``default``: what an operation no capability covers gets. ``block_ranges``: the
-    net_safe rule (special IP ranges refused unless a NetRule names the address by IP or
-    CIDR). ``fs_root``: fs_safe confinement. ``deny_exec``: strict(): no subprocess at all.
-    ``implicit_read``: directories the worker may always read (stdlib, site-packages,
-    DNS/TLS configuration), filled in by the worker at lock-down.
-    """
-
-    net: tuple[NetRule, ...] = ()
-    fs: tuple[FsRule, ...] = ()
-    exec: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
-    default: Action = "block"
-    block_ranges: bool = False
-    fs_root: str | None = None
-    deny_exec: bool = False
-    implicit_read: tuple[str, ...] = field(default=(), compare=False)
-
-    def to_wire(self) -> dict[str, Any]:
-        """A plain, JSON-serialisable dict (used in tokens and the trace)."""
-        return {
-            "net": [{"host": r.host, "port_lo": r.port_lo, "port_hi": r.port_hi,
-                     "source": r.source} for r in self.net],
-            "fs": [{"path": r.path, "write": r.write, "source": r.source} for r in self.fs],
-            "exec": list(self.exec),
-            "env": list(self.env),
-            "default": self.default,
-            "block_ranges": self.block_ranges,
-            "fs_root": self.fs_root,
-            "deny_exec": self.deny_exec,
-            "implicit_read": list(self.implicit_read),
-        }
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> Grants:
-        """The inverse of ``to_wire``. Raises ValueError on anything malformed or unknown:
-        grants decide what a worker may do, so nothing is guessed."""
-        return cls(**_grants_wire.grants_fields(data))
-
-    def is_subset_of(self, other: Grants) -> bool:
-        """True when every right in ``self`` is also in ``other`` (rights only shrink).
-
-        ``implicit_read`` is not compared: the worker fills it in itself.
-        """
-        return _grants_wire.is_subset(self, other)
-
 
 
 
@@ -152,60 +87,6 @@ _DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 _LOOPBACKS = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
 
 
-@lru_cache(maxsize=1024)
-def _rule_target(host: str) -> tuple[str, tuple[Network, ...], str]:
-    """(kind, networks, name) for a NetRule host; kind is any, net, suffix or name."""
-    h = host.strip().lower().replace("[", "").replace("]", "").rstrip(".")
-    if h == "*":
-        return "any", (), ""
-    if h.startswith("*."):
-        return "suffix", (), h[1:]
-    net: Network | None = None
-    if "/" in h:
-        try:
-            net = ipaddress.ip_network(h, strict=False)
-        except ValueError:
-            return "name", (), h  # matches nothing a resolver returns
-    else:
-        ip = parse_ip(h)
-        if ip is not None:
-            net = ipaddress.ip_network(ip)
-    if net is None:
-        return "name", (), h
-    nets: tuple[Network, ...] = (net,)
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 \
-            and int(net.network_address) >> 32 == 0xFFFF:
-        v4 = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
-        nets += (v4,)
-    return "net", nets, ""
-
-
-def _candidates(ip: IPAddress) -> tuple[IPAddress, ...]:
-    """``ip`` plus the IPv4 host it reaches when it is a translated IPv6 form."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = embedded_v4(ip)
-        if inner is not None and inner[0] in TRANSLATED:
-            return ip, inner[2]
-    return (ip,)
-
-
-def _covers_ip(rule: NetRule, cands: Sequence[IPAddress]) -> bool:
-    """An IP/CIDR rule containing one of ``cands``, or "localhost" and a loopback one."""
-    kind, nets, name = _rule_target(rule.host)
-    if kind == "net":
-        return any(c.version == n.version and c in n for c in cands for n in nets)
-    return name == "localhost" and any(c.is_loopback for c in cands)
-
-
-def _covers_name(rule: NetRule, names: Sequence[str]) -> bool:
-    kind, _, name = _rule_target(rule.host)
-    if kind == "any":
-        return True
-    if kind == "suffix":
-        return any(n.endswith(name) for n in names)
-    return kind == "name" and name in names
-
-
 def _in_ports(rule: NetRule, port: int) -> bool:
     return rule.port_lo <= port <= rule.port_hi
 
@@ -214,16 +95,38 @@ def _cap_host(ip: IPAddress | str) -> str:
     return f"[{ip}]" if isinstance(ip, ipaddress.IPv6Address) else str(ip)
 
 
+def _source(rule: NetRule) -> str:
+    return rule.source or f"net:connect:{rule.host}:{rule.port_lo}-{rule.port_hi}"
+
+
 def _allow(rule: NetRule, what: str) -> Verdict:
-    source = rule.source or f"net:connect:{rule.host}:{rule.port_lo}-{rule.port_hi}"
+    source = _source(rule)
     return Verdict("allow", f"capability {source}", f"{what} is covered by {source}")
 
 
-def _default(grants: Grants, what: str, add: str) -> Verdict:
+def default_verdict(grants: Grants, what: str, add: str) -> Verdict:
+    """What an operation no capability covers gets: the tool's ``default_policy``.
+    ``what`` says what was asked, ``add`` the capability that would grant it."""
     if grants.default == "allow":
         return Verdict("allow", "default_policy=ALLOW", f"{what}; allowed by the tool's default")
     rule = "default_policy=BLOCK" if grants.default == "block" else "default_policy=WARN"
     return Verdict(grants.default, rule, f"{what}; add {add}")
+
+
+def _near_misses(grants: Grants, addr: IPAddress, port: int) -> list[str]:
+    """Rules on this port that contain ``addr`` yet do not cover it (for messages)."""
+    cands = candidates(addr)
+    missed = []
+    for rule in grants.net:
+        kind, nets, _ = rule_target(rule.host)
+        if _in_ports(rule, port) and kind == "net" and any(
+                c.version == n.version and c in n for c in cands for n in nets):
+            missed.append(_source(rule))
+    return missed
+
+
+def _public_rules(grants: Grants, port: int) -> list[NetRule]:
+    return [r for r in grants.net if _in_ports(r, port) and rule_target(r.host)[0] == "public"]
 
 
 def check_connect(grants: Grants, ip: str, port: int, names: Sequence[str] = ()) -> Verdict:
@@ -231,33 +134,57 @@ def check_connect(grants: Grants, ip: str, port: int, names: Sequence[str] = ())
 
     ``names`` are the host names that resolved to ``ip`` in this process; a connect to
     an address nobody resolved gets none, so name capabilities cannot cover it. With
-    ``block_ranges`` a special address needs a capability naming it by IP or CIDR
-    (or "localhost" for loopback): a name resolving there is exactly the DNS trick
-    net_safe exists to stop.
+    ``block_ranges`` a special address needs a capability naming it by an IP or a CIDR
+    lying inside its range (or "localhost" for loopback): a name resolving there is
+    exactly the DNS trick net_safe exists to stop, and a CIDR merely containing the
+    range (``0.0.0.0/0``) covers only its public part. ``public`` covers public
+    addresses only, with or without ``block_ranges``.
     """
     addr = parse_ip(ip)
     if addr is None:
         return Verdict("block", "net: invalid address",
                        f"{ip!r} is not an IP address; connections are judged on resolved addresses")
-    cands = _candidates(addr)
     target = f"{_cap_host(addr)}:{port}"
     for rule in grants.net:
-        if _in_ports(rule, port) and _covers_ip(rule, cands):
+        if _in_ports(rule, port) and covers_address(rule.host, addr, grants.block_ranges):
             return _allow(rule, target)
-    special = special_range(addr) if grants.block_ranges else None
-    if special is not None:
+    special = special_range(addr)
+    public = _public_rules(grants, port) if special is not None else []
+    if special is not None and grants.block_ranges:
         cidr, label = special
+        missed = _near_misses(grants, addr, port)
+        note = (f"; {', '.join(missed)} contains it, but only a grant lying inside a blocked "
+                "range opens it" if missed else "")
+        note += f"; {_source(public[0])} covers public addresses only" if public else ""
         return Verdict(
             "block", f"net_safe: {cidr} ({label})",
             f"{target} is in {cidr} ({label}), which net_safe blocks whatever name led "
-            f"there; to allow it, grant the address itself: add net:connect:{_cap_host(addr)}:{port}")
+            f"there{note}; to allow it, grant the address itself: add "
+            f"net:connect:{_cap_host(addr)}:{port}")
     clean = [n.lower().rstrip(".") for n in names]
     for rule in grants.net:
-        if _in_ports(rule, port) and _covers_name(rule, clean):
+        if _in_ports(rule, port) and covers_name(rule.host, clean):
             return _allow(rule, f"{target} ({', '.join(clean)})")
     shown = f"names {', '.join(clean)}" if clean else "no name resolved to it in this worker"
-    return _default(grants, f"no capability covers {target} ({shown})",
+    if public and special is not None:
+        shown += (f"; {_source(public[0])} covers only public addresses and this one is in "
+                  f"{special[0]} ({special[1]})")
+    return default_verdict(grants, f"no capability covers {target} ({shown})",
                     f"net:connect:{clean[0] if clean else _cap_host(addr)}:{port}")
+
+
+def check_address(grants: Grants, ip: str, port: int) -> Verdict | None:
+    """``check_connect`` for an observer that sees only the address (the watchdog).
+
+    None when a name capability might have covered the connection (its names are not
+    known from outside); otherwise the verdict ``check_connect`` gives with no names.
+    """
+    verdict = check_connect(grants, ip, port)
+    if verdict.allowed or verdict.rule.startswith("net"):
+        return verdict
+    named = any(_in_ports(r, port) and rule_target(r.host)[0] in ("name", "suffix")
+                for r in grants.net)
+    return None if named else verdict
 
 
 def _normalise_host(host: str) -> str:
@@ -293,24 +220,67 @@ def check_host(grants: Grants, host: str, port: int) -> Verdict:
     loopback = h in _LOOPBACK_NAMES or h.endswith(".localhost")
     if loopback:  # deterministic: /etc/hosts, so a loopback grant by IP covers it
         for rule in grants.net:
-            if _in_ports(rule, port) and _covers_ip(rule, _LOOPBACKS):
+            if _in_ports(rule, port) and any(
+                    covers_address(rule.host, a, grants.block_ranges) for a in _LOOPBACKS):
                 return _allow(rule, hp)
-    exact = [r for r in grants.net if _in_ports(r, port) and _rule_target(r.host) == ("name", (), h)]
+    exact = [r for r in grants.net if _in_ports(r, port) and rule_target(r.host) == ("name", (), h)]
     if exact:
         return _allow(exact[0], hp)
+    odd = ":" in h or bool(_ENDS_NUMERIC.search(h))
+    internal = loopback or h in _INTERNAL_NAMES or h.endswith(_INTERNAL_SUFFIXES)
     if grants.block_ranges:
-        if ":" in h or _ENDS_NUMERIC.search(h):
+        if odd:
             return Verdict("block", "net_safe: malformed address",
                            f"{host!r} looks like an IP address but is not a valid one; "
                            "resolvers and URL parsers disagree on such hosts, so net_safe refuses it")
-        if h in _INTERNAL_NAMES or h.endswith(_INTERNAL_SUFFIXES):
+        if internal:
             return Verdict("block", f"net_safe: internal name {h}",
                            f"{h} resolves to internal or arbitrary addresses; to allow it, name it "
                            f"exactly: add net:connect:{h}:{port}")
     for rule in grants.net:
-        if _in_ports(rule, port) and _covers_name(rule, (h,)):
+        if _in_ports(rule, port) and covers_name(rule.host, (h,)):
             return _allow(rule, hp)
-    return _default(grants, f"no capability covers {hp}", f"net:connect:{h}:{port}")
+    public = _public_rules(grants, port)
+    if public and not (odd or internal):
+        source = _source(public[0])
+        return Verdict("allow", f"capability {source}",
+                       f"{hp} is judged on the address it resolves to, which {source} "
+                       "covers only if it is public")
+    note = (f" ({_source(public[0])} covers public addresses, and {h} is internal or not a "
+            "valid address)" if public else "")
+    return default_verdict(grants, f"no capability covers {hp}{note}", f"net:connect:{h}:{port}")
+
+
+# Rule of the verdict on resolving an address literal: no query is sent, nothing to record.
+RULE_LITERAL = "resolve: address literal"
+
+
+def check_resolve(grants: Grants, name: str, port: int) -> Verdict:
+    """Judge a DNS lookup of ``name`` (for a connection to ``port``) before it is sent.
+
+    A lookup is a data channel of its own: the query reaches whoever serves the name.
+    A tool with no net capability resolves nothing; a name net_safe refuses is refused;
+    with only name rules, a name no rule covers can never be connected to, so it is not
+    looked up. With an address rule (an IP, a CIDR, ``public``, "localhost") any other
+    name may resolve into it, so the lookup happens and the connect decides on the
+    address. Resolving an address literal sends no query (rule ``RULE_LITERAL``) but is
+    refused early where its connect would be refused by net_safe.
+    """
+    if parse_ip(name) is not None:
+        verdict = check_host(grants, name, port)
+        if verdict.action == "block" and verdict.rule.startswith("net_safe"):
+            return verdict
+        return Verdict("allow", RULE_LITERAL, "an address literal is judged at connect")
+    if not grants.net and grants.default == "block":
+        return Verdict("block", "default_policy=BLOCK",
+                       f"this tool has no net capability, so DNS lookups (a data channel of "
+                       f"their own) are refused; add net:connect:{name}")
+    verdict = check_host(grants, name, port)
+    if verdict.action == "block" and (verdict.rule.startswith("net_safe") or not any(
+            is_address_rule(r.host) for r in grants.net)):
+        return verdict
+    return Verdict("allow", "resolve: judged at connect",
+                   "names are judged on the addresses they resolve to")
 
 
 # --- files ---------------------------------------------------------------------------
@@ -318,11 +288,6 @@ def check_host(grants: Grants, host: str, port: int) -> Verdict:
 # Grant paths are resolved once per process and pinned: the worker warms this cache
 # before tool code runs, so a symlink planted later at a granted path cannot widen it.
 _resolve_base = lru_cache(maxsize=2048)(os.path.realpath)
-
-
-def under(path: str, base: str) -> bool:
-    """True when ``path`` is ``base`` or below it (plain string test on resolved paths)."""
-    return path == base or path.startswith(base if base.endswith("/") else base + "/")
 
 
 def real_path(path: str, cwd: str | None = None, follow_symlinks: bool = True) -> str | None:
@@ -374,9 +339,9 @@ def check_resolved_path(grants: Grants, real: str, write: bool,
                 return Verdict("allow", f"capability {source}", f"{verb} {what} is covered by {source}")
             read_only = rule
     if read_only is not None:
-        return _default(grants, f"{read_only.source or 'fs:read:' + read_only.path} does not grant "
+        return default_verdict(grants, f"{read_only.source or 'fs:read:' + read_only.path} does not grant "
                         f"writing {what}", f"fs:write:{real}")
-    return _default(grants, f"no capability covers {verb} {what}",
+    return default_verdict(grants, f"no capability covers {verb} {what}",
                     f"fs:{cap}:{real} (or a directory above it)")
 
 
@@ -409,14 +374,17 @@ def check_exec(grants: Grants, program: str) -> Verdict:
             return Verdict("allow", f"capability proc:exec:{granted}",
                            f"{program} is covered by proc:exec:{granted}")
     shown = program if resolved in (None, program) else f"{program} ({resolved})"
-    return _default(grants, f"no capability covers running {shown}",
-                    f"proc:exec:{resolved or program}")
+    return default_verdict(grants, f"no capability covers running {shown}",
+                           f"proc:exec:{resolved or program}")
 
 
-def env_matches(pattern: str, name: str) -> bool:
-    """True when ``env:PATTERN`` grants the variable ``name`` (``NAME`` or ``PREFIX_*``).
+def check_fork(grants: Grants) -> Verdict:
+    """Judge a bare ``fork``: only a tool that may run programs may fork."""
+    if grants.deny_exec:
+        return Verdict("block", "strict: exec denied", "strict() denies fork and every subprocess")
+    if grants.exec:
+        return Verdict("allow", "fork: exec granted", "the tool may run subprocesses")
+    return default_verdict(grants, "no capability covers fork (only proc:exec grants may fork)",
+                           "proc:exec:PROGRAM for the program the child runs")
 
-    The one home of environment-pattern matching: the worker's environment, the secret
-    scrubber, the subset order and capability intersection all ask here.
-    """
-    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
