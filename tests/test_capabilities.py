@@ -6,7 +6,7 @@ import ipaddress
 import os
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from failcore._capabilities import (
@@ -293,6 +293,8 @@ _probes = st.sampled_from([
 
 
 @given(_net_hosts, _net_hosts, _probes, st.booleans())
+@example("public@[::]/0", "[::ffff:0:0]/96", "8.8.8.8", False)  # ::/0 holds every mapped form
+@example("[::]/0", "[::ffff:0:0]/96", "10.0.0.5", False)
 def test_meet_with_public_is_exact_on_addresses(a: str, b: str, ip: str, block: bool) -> None:
     """meet(a, b) covers exactly the addresses both cover; with public involved this holds
     under net_safe too (public is public-only either way). Allow-list patterns are

@@ -37,6 +37,9 @@ PUBLIC = "public"
 _LOOPBACK_NAME = "localhost"
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 @lru_cache(maxsize=1024)
 def rule_target(host: str) -> tuple[str, tuple[Net, ...], str]:
     """(kind, networks, name) for a rule's host.
@@ -69,10 +72,14 @@ def rule_target(host: str) -> tuple[str, tuple[Net, ...], str]:
     if net is None:
         return "name", (), h
     nets: tuple[Net, ...] = (net,)
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 \
-            and int(net.network_address) >> 32 == 0xFFFF:
-        v4 = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
-        nets += (v4,)
+    if isinstance(net, ipaddress.IPv6Network):
+        # An IPv6 block reaches the IPv4 hosts whose mapped forms (::ffff:a.b.c.d) it holds:
+        # a block inside ::ffff:0:0/96 maps part of IPv4, one containing it maps all of it.
+        if net.prefixlen >= 96 and int(net.network_address) >> 32 == 0xFFFF:
+            nets += (ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF,
+                                            net.prefixlen - 96)),)
+        elif net.supernet_of(_MAPPED):
+            nets += (ipaddress.IPv4Network("0.0.0.0/0"),)
     return "net", nets, ""
 
 
@@ -167,10 +174,11 @@ def rule_within(inner: str, outer: str, inner_blocks: bool, outer_blocks: bool) 
     if ikind not in ("net", "public") or (ikind == "public" and not inets):
         return okind == "public" and ikind == "public" and not onets
     # An IPv4-mapped block covers exactly what the IPv4 block it maps covers (see
-    # candidates), so the last network (that IPv4 block, when there is one) stands for it.
-    head = inets[-1]
-    inside = any(head.version == o.version and head.subnet_of(o)  # type: ignore[arg-type]
-                 for o in onets)
+    # candidates), so that IPv4 block (its last network) stands for it; any other block
+    # must lie, network by network, inside the outer rule (::/0 also maps all of IPv4).
+    mapped = inets[0].version == 6 and inets[0].subnet_of(_MAPPED)
+    inside = all(any(i.version == o.version and i.subnet_of(o)  # type: ignore[arg-type]
+                     for o in onets) for i in (inets[-1:] if mapped else inets))
     if okind == "public":
         if onets and not inside:
             return False
