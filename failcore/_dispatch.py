@@ -1,20 +1,20 @@
 """Send one call to a worker, wait for the answer within the deadline, map failures.
 
 The parent never reads more than the tool's output limit: the frame header is checked
-before the payload is read. On timeout, oversize output or a lost worker, the whole
-process tree is killed and the worker is never reused.
+before the payload is read, and the reply is decoded as data (``failcore._values``),
+bounded before it is parsed. On timeout, oversize output, a reply that is not valid data
+or a lost worker, the whole process tree is killed and the worker is never reused.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from failcore import _wire
+from failcore import _values
 from failcore._errors import (
     CallCancelled,
     FailCoreError,
@@ -27,9 +27,6 @@ from failcore._errors import (
 )
 from failcore._workers import Pool, Worker
 from failcore_worker import protocol
-
-# Room for the reply envelope and guard events on top of the tool's own output limit.
-_ENVELOPE_BYTES = 256 * 1024
 
 
 @dataclass
@@ -60,7 +57,7 @@ def exchange(pool: Pool, worker: Worker, tool: str, frames: list[bytes],
             worker.kill("undelivered")
             return Outcome(status="undelivered", reuse=False, error=WorkerCrashed(
                 f"{tool}: the worker was gone before the request reached it"))
-        payload = protocol.recv_frame(worker.chan, output_bytes + _ENVELOPE_BYTES)
+        payload = protocol.recv_frame(worker.chan, protocol.reply_limit(output_bytes))
     except TimeoutError:
         worker.kill("timeout")
         return Outcome(status="timeout", reuse=False, error=ToolTimeout(
@@ -75,14 +72,33 @@ def exchange(pool: Pool, worker: Worker, tool: str, frames: list[bytes],
         return _lost(pool, worker, tool, deadline)
     finally:
         worker.busy_since = None
+    return _read_reply(worker, tool, payload, output_bytes)
+
+
+def _read_reply(worker: Worker, tool: str, payload: bytes | bytearray,
+                output_bytes: int) -> Outcome:
+    """Decode the reply as data; a reply that is not is the worker's fault: it is retired."""
+    recv_bytes = len(payload) + protocol.HEADER.size
     try:
-        kind, body = _wire.decode(payload)
-    except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, TypeError,
-            ValueError, IndexError) as exc:
-        return Outcome(status="invalid_output", reuse=False, error=OutputValidationError(
-            f"{tool}: the result could not be read back: {exc}"), recv_bytes=len(payload))
-    out = Outcome(recv_kind=kind, recv_bytes=len(payload) + protocol.HEADER.size,
-                  events=list(body.get("events") or []))
+        kind, body = _values.decode_reply(payload, protocol.reply_limit(output_bytes))
+    except _values.ReplyTooLarge as exc:
+        worker.kill("output")
+        return Outcome(status="resource", reuse=False, recv_bytes=recv_bytes,
+                       error=ResourceLimitExceeded(
+            f"{tool}: the reply was not decoded: {exc}; the worker was retired. Return fewer, "
+            "larger items or raise Limits(output_bytes=...)"))
+    except _values.BadValue as exc:
+        worker.kill("invalid_reply")
+        return Outcome(status="invalid_output", reuse=False, recv_bytes=recv_bytes,
+                       error=OutputValidationError(
+            f"{tool}: the worker's reply is not valid data ({exc}); the worker was retired"))
+    except _values.BadReply as exc:
+        worker.kill("invalid_reply")
+        return Outcome(status="crashed", reuse=False, recv_bytes=recv_bytes,
+                       error=WorkerCrashed(
+            f"{tool}: the worker sent a reply that is not a reply ({exc}); the worker was "
+            "retired"))
+    out = Outcome(recv_kind=kind, recv_bytes=recv_bytes, events=list(body.get("events") or []))
     if kind == "result":
         out.value = body.get("value")
         out.reuse = not body.get("retire", False)
@@ -109,7 +125,11 @@ def _map_error(tool: str, body: dict[str, Any], out: Outcome) -> Outcome:
     elif kind in (protocol.ERR_MEMORY, protocol.ERR_RESOURCE):
         out.status = "resource"
         out.error = ResourceLimitExceeded(f"{tool}: {message} ({rtype})")
-    elif kind == protocol.ERR_UNPICKLABLE:
+    elif kind == protocol.ERR_TOO_LARGE:
+        out.status = "resource"
+        out.reuse = True
+        out.error = ResourceLimitExceeded(f"{tool}: {message}")
+    elif kind == protocol.ERR_OUTPUT:
         out.status = "invalid_output"
         out.reuse = True
         out.error = OutputValidationError(f"{tool}: {message}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from failcore import Session, SideEffect, ToolMetadata, _wire
+from failcore import Session, SideEffect, ToolMetadata, _values
 from failcore._token import ToolGrants
 from failcore_worker import protocol
 from failcore_worker.rules import FsRule, NetRule
@@ -34,7 +34,7 @@ def warm(tmp_path) -> Iterator[tuple[Session, Any, Any]]:  # type: ignore[no-unt
 
 def _ask(worker: Any, token: bytes, mac: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     worker.send("call", {"token": token, "mac": mac, "args": args})
-    return _wire.decode(protocol.recv_frame(worker.chan))
+    return _values.decode_reply(protocol.recv_frame(worker.chan), protocol.reply_limit(1 << 20))
 
 
 def test_bad_mac_is_refused(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ from typing import Any
 
 import cloudpickle
 
-from failcore_worker import guards, protocol
+from failcore_worker import _data_cost, _values, guards, protocol
 from failcore_worker.rules import Grants
 
 _MB = 1024 * 1024
@@ -31,6 +31,9 @@ _MB = 1024 * 1024
 _WARM_CPU_CALLS = 64
 # Guard events reported per call (a tool opening 100k files must not flood the reply).
 _MAX_EVENTS = 1000
+# An error's message and traceback are cut to this many characters each (they travel in
+# the reply's envelope, which the parent bounds).
+_MAX_ERROR_TEXT = 16 * 1024
 
 
 class _State:
@@ -152,16 +155,40 @@ def format_traceback(exc: BaseException) -> str:
     return "".join(parts)
 
 
+def _text(make: Any, what: str, limit: int = _MAX_ERROR_TEXT) -> str:
+    """``make()`` as bounded text; a failing ``__str__`` or formatter never loses the reply."""
+    try:
+        text = str(make())
+    except Exception as exc:  # noqa: BLE001 - the tool's own __str__ may raise anything
+        return f"<{what} could not be formatted: {type(exc).__name__}>"
+    if len(text) > limit:
+        text = f"{text[:limit]}... [{len(text) - limit} more characters not sent]"
+    return text
+
+
 def _error(kind: str, exc: BaseException | None, message: str = "", **extra: Any) -> dict[str, Any]:
+    """An error reply's body: plain text fields only (tracebacks cross as text)."""
     body: dict[str, Any] = {
         "kind": kind,
         "type": type(exc).__name__ if exc is not None else kind,
-        "message": message or (str(exc) if exc is not None else ""),
-        "traceback": format_traceback(exc) if exc is not None else "",
+        "message": message or (_text(lambda: exc, "the message") if exc is not None else ""),
+        "traceback": _text(lambda: format_traceback(exc), "the traceback", 4 * _MAX_ERROR_TEXT)
+                     if exc is not None else "",
         "events": [],
     }
     body.update(extra)
     return body
+
+
+def _call_id(body: dict[str, Any]) -> str | None:
+    """The call id the request's token names (echoed in the reply, verified or not: the
+    parent matches replies to the calls it sent)."""
+    try:
+        header, _grants, _limits = protocol.split_token(body["token"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+    call_id = header.get("call_id")
+    return call_id if isinstance(call_id, str) else None
 
 
 def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]:
@@ -195,8 +222,14 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
 
 
 def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    reply_kind, reply = _run_checked(state, body)
+    reply["call_id"] = _call_id(body)
+    return reply_kind, reply
+
+
+def _run_checked(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if state.init_error is not None:
-        return "error", state.init_error
+        return "error", dict(state.init_error)
     checked = _check_token(state, body)
     if isinstance(checked, dict):
         return "error", checked
@@ -272,19 +305,52 @@ def _between_calls(state: _State) -> None:
         guards.runtime_end()
 
 
-def _send_reply(chan: socket.socket, kind: str, body: dict[str, Any]) -> None:
+def encode_reply(kind: str, body: dict[str, Any], output_bytes: int) -> bytes:
+    """The reply frame: a result's value as data (``_values``), checked against the limits
+    the parent applies, so an honest tool gets a clear error and keeps its worker."""
     try:
-        data = protocol.encode(kind, body)
+        blobs: list[bytes | bytearray] = []
+        if kind == "result":
+            body["value"], blobs = _values.to_data(body["value"], output_bytes)
+        text = protocol.data_text(kind, body)
+        limit = protocol.reply_limit(output_bytes)
+        size = len(text) + sum(len(b) + 1 for b in blobs)
+        if size > limit:
+            raise _values.TooLarge(size - protocol.REPLY_ENVELOPE_BYTES, output_bytes)
+        # The parent's own check, on the same text (see failcore._values.decode_reply).
+        cost = _data_cost.decode_cost(text, len(text) if blobs else None)
+        if cost > _data_cost.decode_budget(limit):
+            return _refusal(body, protocol.ERR_TOO_LARGE, None, (
+                f"result would cost the parent about {cost} bytes to decode, more than "
+                f"{_data_cost.DECODE_MULTIPLE} x (output_bytes={output_bytes} + the envelope): "
+                "it holds too many small objects; return fewer, larger items (e.g. text or "
+                "bytes) or raise Limits(output_bytes=...)"))
+        return protocol.frame_data(text, blobs)
+    except _values.TooLarge as exc:
+        return _refusal(body, protocol.ERR_TOO_LARGE, None, (
+            f"result of at least {exc.at_least} bytes exceeds output_bytes={exc.limit} "
+            "(not sent); return less or raise Limits(output_bytes=...)"))
+    except _values.NotData as exc:
+        return _refusal(body, protocol.ERR_OUTPUT, None, (
+            f"returned {exc.describe()} that cannot cross the process boundary; return plain "
+            f"data or one of: {_values.SUPPORTED}"))
     except MemoryError as exc:
-        data = protocol.encode("error", _error(protocol.ERR_MEMORY, exc,
-                                               "the result was too large to serialise (memory_mb limit)",
-                                               events=body.get("events", [])))
-    except Exception as exc:  # noqa: BLE001 - pickling can raise anything
-        data = protocol.encode("error", _error(
-            protocol.ERR_UNPICKLABLE, exc,
-            f"the tool's result could not be serialised: {type(exc).__name__}: {exc}",
-            events=body.get("events", [])))
-    chan.sendall(data)
+        return _refusal(body, protocol.ERR_MEMORY, exc,
+                        "the result was too large to encode (memory_mb limit)")
+    except Exception as exc:  # noqa: BLE001 - a value's own methods may raise anything
+        return _refusal(body, protocol.ERR_OUTPUT, exc, (
+            f"the result could not be encoded as data: {type(exc).__name__}: "
+            f"{_text(lambda e=exc: e, 'the message', 1000)}"))
+
+
+def _refusal(body: dict[str, Any], kind: str, exc: BaseException | None, message: str) -> bytes:
+    return protocol.encode_data("error", _error(kind, exc, message, events=body.get("events", []),
+                                                call_id=body.get("call_id")))
+
+
+def _send_reply(chan: socket.socket, state: _State, kind: str, body: dict[str, Any]) -> None:
+    output_bytes = int(state.limits.get("output_bytes", protocol.MAX_CONTROL_FRAME))
+    chan.sendall(encode_reply(kind, body, output_bytes))
 
 
 def _warm_up() -> None:
@@ -305,6 +371,8 @@ def _warm_up() -> None:
     _cpu_used()
     resource.getrlimit(resource.RLIMIT_AS)
     pickle.loads(pickle.dumps(({"a": [1, "b", 2.0]}, token), protocol=protocol.PICKLE_PROTOCOL))
+    encode_reply("result", {"value": {"a": [1, "b", 2.0, (3,)]}, "events": [], "call_id": "c0"},
+                 1 << 20)
     dict(os.environ)
 
 
@@ -332,7 +400,8 @@ def _rehearse(state: _State) -> None:
     guards.set_call(state.grants, cwd)
     guards.take_events()
     _cpu_used()
-    protocol.encode("result", {"value": None, "events": [], "retire": False})
+    encode_reply("result", {"value": None, "events": [], "retire": False, "call_id": "c0"},
+                 int(state.limits.get("output_bytes", 1 << 20)))
 
 
 def serve(chan: socket.socket, warm_up: bool = True) -> None:
@@ -360,8 +429,8 @@ def serve(chan: socket.socket, warm_up: bool = True) -> None:
             try:
                 reply_kind, reply = _run_call(state, body)
             except BaseException as exc:  # noqa: BLE001
-                reply_kind, reply = "error", _error(protocol.ERR_TOOL, exc)
-            _send_reply(chan, reply_kind, reply)
+                reply_kind, reply = "error", _error(protocol.ERR_TOOL, exc, call_id=_call_id(body))
+            _send_reply(chan, state, reply_kind, reply)
             _between_calls(state)
         else:
             os._exit(0)

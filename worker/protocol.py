@@ -1,17 +1,19 @@
 """The wire protocol between the parent and a worker: the only definition of messages.
 
 Framing: every message is ``HEADER`` (payload length, 4 bytes, network order) followed
-by a pickled ``(kind, body)`` tuple. The reader checks the length against its limit
-*before* reading the payload, so a worker cannot make the parent buffer more than
-``Limits.output_bytes``.
+by the payload. The reader checks the length against its limit *before* reading the
+payload, so a worker cannot make the parent buffer more than ``reply_limit(output_bytes)``.
 
-Messages, parent -> worker:
+Parent -> worker payloads are pickled ``(kind, body)`` tuples (the trusted direction):
   ("init", {...})   lock down and load the tool (see failcore_worker.main.lock_down)
   ("call", {"token": bytes, "mac": str, "args": dict})
   ("exit", {})
-Worker -> parent:
-  ("result", {"value": obj, "events": [GuardEvent], "retire": bool})
-  ("error",  {"kind": str, "type": str, "message": str, "traceback": str, "events": [...]})
+Worker -> parent payloads are data, never a pickle (:func:`encode_data`): UTF-8 JSON
+``[kind, body]``, then, when the value holds bytes, a NUL and their raw bytes (JSON text
+never contains a raw NUL). Values are tagged data (``failcore_worker._values``):
+  ("result", {"value": data, "events": [GuardEvent], "retire": bool, "call_id": str})
+  ("error",  {"kind": str, "type": str, "message": str, "traceback": str (text),
+              "events": [...], "call_id": str | None})
 
 The capability token is ``header \\n grants \\n limits`` (three canonical JSON documents)
 with an HMAC-SHA256 under the per-session key; the grants and limits parts are the same
@@ -26,11 +28,19 @@ import json
 import pickle
 import socket
 import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 
 HEADER = struct.Struct("!I")
 PICKLE_PROTOCOL = 5
 MAX_CONTROL_FRAME = 64 * 1024 * 1024
+# Room for the reply envelope and guard events on top of the tool's own output limit.
+REPLY_ENVELOPE_BYTES = 256 * 1024
+
+
+def reply_limit(output_bytes: int) -> int:
+    """The largest reply payload the parent reads for a tool with this ``output_bytes``."""
+    return output_bytes + REPLY_ENVELOPE_BYTES
 
 # Error kinds a worker reports; the parent maps each to one FailCore error.
 ERR_TOOL = "tool"  # the tool raised
@@ -38,7 +48,8 @@ ERR_DENIED = "denied"  # a guard blocked an operation during the call
 ERR_TOKEN = "token"  # the token did not verify or exceeds the locked-down grants
 ERR_MEMORY = "memory"  # MemoryError / RLIMIT_AS
 ERR_RESOURCE = "resource"  # another rlimit (file size, open files, CPU)
-ERR_UNPICKLABLE = "unpicklable"  # the result (or arguments) could not be pickled
+ERR_OUTPUT = "output"  # the result holds a type that cannot cross as data
+ERR_TOO_LARGE = "too_large"  # the result exceeds output_bytes (found while encoding it)
 ERR_INIT = "init"  # lock-down or loading the tool failed
 
 
@@ -99,24 +110,47 @@ def decode(payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
 
 
 # Worker -> parent frames are data, never a pickle: the parent must not run pickle's VM on
-# bytes a tool may have written. The payload is the UTF-8 JSON array ``[kind, body]``.
+# bytes a tool may have written. One encoder, made once: json.dumps with non-default
+# options builds a new encoder per call (~2 us).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False,
+                           check_circular=False).encode
 
-def encode_data(kind: str, body: dict[str, Any]) -> bytes:
-    """A worker -> parent frame: header + JSON ``[kind, body]`` (NaN refused)."""
-    payload = json.dumps([kind, body], separators=(",", ":"), allow_nan=False,
-                         ensure_ascii=False).encode()
-    return HEADER.pack(len(payload)) + payload
+
+def encode_data(kind: str, body: dict[str, Any],
+                blobs: Sequence[bytes | bytearray] = ()) -> bytes:
+    """A worker -> parent frame: header + JSON ``[kind, body]`` (+ NUL + ``blobs``).
+
+    NaN is refused (tag it); lone surrogates (file names) cross as themselves.
+    ``body`` must hold no cycles (the encoder does not look for them).
+    """
+    return frame_data(data_text(kind, body), blobs)
+
+
+def data_text(kind: str, body: dict[str, Any]) -> bytes:
+    """The JSON text of a worker -> parent frame (what ``decode_data`` parses)."""
+    return _ENCODE([kind, body]).encode("utf-8", "surrogatepass")
+
+
+def frame_data(text: bytes, blobs: Sequence[bytes | bytearray] = ()) -> bytes:
+    """Header + ``text`` (+ NUL + ``blobs``, the raw bytes a result's ``$bytes`` tags name)."""
+    if not blobs:
+        return HEADER.pack(len(text)) + text
+    size = len(text) + 1 + sum(len(b) for b in blobs)
+    return b"".join([HEADER.pack(size), text, b"\0", *blobs])
 
 
 class BadFrame(ValueError):
     """A worker -> parent frame that is not ``[kind: str, body: object]`` JSON."""
 
 
-def decode_data(payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
-    """Parse a worker -> parent frame; linear in its size, raises BadFrame when malformed."""
+def decode_data(text: str | bytes | bytearray, object_hook: Callable[[dict[str, Any]], Any] | None = None,
+                parse_constant: Callable[[str], Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """Parse a worker -> parent frame's JSON text; linear in its size, raises BadFrame when
+    malformed. ``object_hook`` / ``parse_constant`` as for ``json.loads``; whatever they
+    raise propagates."""
     try:
-        value = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
+        value = json.loads(text, object_hook=object_hook, parse_constant=parse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BadFrame(f"not JSON: {exc}") from None
     if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
             and isinstance(value[1], dict)):
