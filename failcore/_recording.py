@@ -9,6 +9,8 @@ import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from failcore._scrub import Scrubber
+
 # Observers see (kind, call_id, body) of every record, after secrets are scrubbed.
 Observer = Callable[[str, "str | None", dict[str, Any]], None]
 
@@ -51,30 +53,19 @@ class NoTrace:
 
 
 class ScrubbingTrace:
-    """Writes through to the trace with every secret value replaced by ``<secret>``,
-    wherever it appears: error messages, guard events, pre-check findings, results."""
+    """Writes through to the trace with every secret replaced by ``<secret>`` in every common
+    encoding (``failcore._scrub``), wherever it appears: error messages, guard events,
+    pre-check findings, results. ``scrubber`` also cleans the errors the call raises."""
 
     def __init__(self, trace: Any, hidden: list[str]) -> None:
         self._trace = trace
-        self._hidden = hidden
-
-    def _scrub(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in self._hidden:
-                if secret in value:
-                    value = value.replace(secret, "<secret>")
-            return value
-        if isinstance(value, dict):
-            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self._scrub(v) for v in value]
-        return value
+        self.scrubber = Scrubber(hidden)
 
     def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
                plain: bool = False) -> Any:
         from failcore._validation import to_jsonable
 
-        return self._trace.record(kind, call_id, self._scrub(to_jsonable(body)))
+        return self._trace.record(kind, call_id, self.scrubber.value(to_jsonable(body)))
 
 
 class ObservedTrace:

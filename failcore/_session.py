@@ -350,9 +350,19 @@ class Session:
 
     def _run(self, tool: Tool, call_id: str, kwargs: dict[str, Any]) -> Any:
         started = time.monotonic()
-        models = tool.models
         hidden = secret_values(tool, kwargs)
-        trace = ScrubbingTrace(self._trace, hidden) if hidden else self._trace
+        if not hidden:
+            return self._run_traced(tool, call_id, kwargs, self._trace, started)
+        trace = ScrubbingTrace(self._trace, hidden)
+        try:
+            return self._run_traced(tool, call_id, kwargs, trace, started)
+        except FailCoreError as err:  # what the caller sees is scrubbed like the trace
+            trace.scrubber.error(err)
+            raise
+
+    def _run_traced(self, tool: Tool, call_id: str, kwargs: dict[str, Any], trace: Any,
+                    started: float) -> Any:
+        models = tool.models
         start: dict[str, Any] = {"tool": tool.name, "args": models.redact(kwargs)}
         context = current_context()
         if context:
