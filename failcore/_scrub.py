@@ -7,8 +7,9 @@ or ``quote_plus``, either hex case), in an ``Authorization: Basic`` header (base
 as hex, in JSON text (``\\uXXXX``, ``\\"``) or in a ``repr``. Matching the exact value
 only let a percent-encoded secret into the trace.
 
-:func:`encoded_forms` lists the spellings of one secret; for base64 it lists, for each of
-the three alignments of the secret inside a longer plaintext, the run of base64
+:func:`encoded_forms` lists the spellings of one secret, and each of them escaped once
+more by JSON or ``repr`` (as a message quoting a URL shows it). For base64 it lists, for
+each of the three alignments of the secret inside a longer plaintext, the run of base64
 characters that depend on the secret's bytes alone, in the standard and the URL-safe
 alphabet (padding never belongs to that run, so padded and unpadded texts both match).
 :class:`Scrubber` replaces every form in every string of a record (keys included) and in
@@ -66,6 +67,11 @@ def encoded_forms(secret: str) -> tuple[str, ...]:
             forms.add(variant)
             forms.add(variant.replace("/", "\\/"))
     forms.update(_base64_cores(raw))
+    # Each spelling once more escaped: error messages repr() their arguments (a URL
+    # holding the JSON spelling), and records hold JSON text inside JSON strings.
+    for form in list(forms):
+        forms.update((json.dumps(form)[1:-1], json.dumps(form, ensure_ascii=False)[1:-1],
+                      repr(form)[1:-1]))
     return tuple(sorted((f for f in forms if len(f) >= MIN_FORM), key=len, reverse=True))
 
 

@@ -43,11 +43,6 @@ __all__ = ["BadReply", "BadValue", "ReplyTooLarge", "decode_reply"]
 
 # Keys sharing one hash beyond this many make a set or dict refuse to be built.
 _MAX_SAME_HASH = 32
-# Memory charged for each kind of expansion (bytes, generous; tracemalloc-checked in tests).
-_PER_SET_ITEM = 128
-_PER_DICT_ITEM = 96
-_PER_OBJECT = 256
-_PATH_BYTES_PER_CHAR = 48
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -60,10 +55,11 @@ class BadValue(BadReply):
 
 
 class ReplyTooLarge(Exception):
-    """Decoding the reply could cost more memory than its output limit allows; not decoded."""
+    """Decoding the reply could cost more memory than its output limit allows; not decoded
+    (or, when its tags expand past what is left of the budget, decoding was abandoned)."""
 
     def __init__(self, cost: int, budget: int) -> None:
-        super().__init__(f"decoding it could take {cost} bytes, more than {budget} "
+        super().__init__(f"decoding it could take {cost} bytes or more, more than {budget} "
                          f"({DECODE_MULTIPLE} x the frame limit)")
         self.cost = cost
         self.budget = budget
@@ -72,9 +68,10 @@ class ReplyTooLarge(Exception):
 class _Untag:
     """The ``object_hook``: called by the parser for every JSON object, innermost first."""
 
-    __slots__ = ("left", "tail", "cursor", "handlers")
+    __slots__ = ("budget", "left", "tail", "cursor", "handlers")
 
-    def __init__(self, left: int, tail: memoryview | None) -> None:
+    def __init__(self, budget: int, left: int, tail: memoryview | None) -> None:
+        self.budget = budget
         self.left = left
         self.tail = tail
         self.cursor = 0
@@ -82,15 +79,20 @@ class _Untag:
             tags.TAG_FLOAT: self.float_, tags.TAG_BYTES: self.bytes_,
             tags.TAG_BYTEARRAY: self.bytearray_, tags.TAG_TUPLE: self.tuple_,
             tags.TAG_SET: self.set_, tags.TAG_FROZENSET: self.frozenset_,
-            tags.TAG_DICT: self.dict_, tags.TAG_DATETIME: self.iso(datetime.datetime),
-            tags.TAG_DATE: self.iso(datetime.date), tags.TAG_TIME: self.iso(datetime.time),
-            tags.TAG_TIMEDELTA: self.timedelta_, tags.TAG_DECIMAL: self.decimal_,
-            tags.TAG_UUID: self.text(uuid.UUID), tags.TAG_PATH: self.path(pathlib.Path),
-            tags.TAG_PUREPOSIXPATH: self.path(pathlib.PurePosixPath),
-            tags.TAG_PUREWINDOWSPATH: self.path(pathlib.PureWindowsPath),
-            tags.TAG_IP: self.text(ipaddress.ip_address),
-            tags.TAG_IPNETWORK: self.text(ipaddress.ip_network),
-            tags.TAG_IPINTERFACE: self.text(ipaddress.ip_interface),
+            tags.TAG_DICT: self.dict_,
+            tags.TAG_DATETIME: self.iso(tags.TAG_DATETIME, datetime.datetime),
+            tags.TAG_DATE: self.iso(tags.TAG_DATE, datetime.date),
+            tags.TAG_TIME: self.iso(tags.TAG_TIME, datetime.time),
+            tags.TAG_TIMEDELTA: self.timedelta_,
+            tags.TAG_DECIMAL: self.text(tags.TAG_DECIMAL, decimal.Decimal, None),
+            tags.TAG_UUID: self.text(tags.TAG_UUID, uuid.UUID),
+            tags.TAG_PATH: self.text(tags.TAG_PATH, pathlib.Path, None),
+            tags.TAG_PUREPOSIXPATH: self.text(tags.TAG_PUREPOSIXPATH, pathlib.PurePosixPath, None),
+            tags.TAG_PUREWINDOWSPATH: self.text(tags.TAG_PUREWINDOWSPATH, pathlib.PureWindowsPath,
+                                                None),
+            tags.TAG_IP: self.text(tags.TAG_IP, ipaddress.ip_address),
+            tags.TAG_IPNETWORK: self.text(tags.TAG_IPNETWORK, ipaddress.ip_network),
+            tags.TAG_IPINTERFACE: self.text(tags.TAG_IPINTERFACE, ipaddress.ip_interface),
             tags.TAG_COMPLEX: self.complex_,
         }
 
@@ -105,60 +107,63 @@ class _Untag:
             raise BadValue(f"unknown tag {key[:40]!r}")
         return handler(payload)
 
-    def spend(self, n: int) -> None:
-        self.left -= n
+    def spend(self, tag: str, units: int = 0) -> None:
+        """Charge what rebuilding ``tag`` costs: the worker counted the same amounts."""
+        self.left -= tags.expansion(tag, units)
         if self.left < 0:
-            raise BadValue("its tagged values expand past the decoding budget")
+            raise ReplyTooLarge(self.budget - self.left, self.budget)
 
     # -- the tags ----------------------------------------------------------------------------
 
     def float_(self, name: Any) -> float:
         if not isinstance(name, str) or name not in _FLOATS:
             raise BadValue(f"bad {tags.TAG_FLOAT} value")
+        self.spend(tags.TAG_FLOAT)
         return _FLOATS[name]
 
-    def blob(self, n: Any) -> memoryview:
+    def blob(self, tag: str, n: Any) -> memoryview:
         if type(n) is not int or n < 0:
-            raise BadValue(f"bad {tags.TAG_BYTES} length")
+            raise BadValue(f"bad {tag} length")
         if self.tail is None or self.cursor + n > len(self.tail):
-            raise BadValue(f"a {tags.TAG_BYTES} tag points past the blob tail")
-        self.spend(n + 64)
+            raise BadValue(f"a {tag} tag points past the blob tail")
+        self.spend(tag, n)
         start = self.cursor
         self.cursor += n
         return self.tail[start:self.cursor]
 
     def bytes_(self, n: Any) -> bytes:
-        return bytes(self.blob(n))
+        return bytes(self.blob(tags.TAG_BYTES, n))
 
     def bytearray_(self, n: Any) -> bytearray:
-        return bytearray(self.blob(n))
+        return bytearray(self.blob(tags.TAG_BYTEARRAY, n))
 
-    def items(self, payload: Any, tag: str, per_item: int) -> list[Any]:
+    def items(self, payload: Any, tag: str) -> list[Any]:
         if type(payload) is not list:
             raise BadValue(f"bad {tag} payload")
-        self.spend(_PER_OBJECT + per_item * len(payload))
+        self.spend(tag, len(payload))
         return payload
 
     def tuple_(self, payload: Any) -> tuple[Any, ...]:
-        return tuple(self.items(payload, tags.TAG_TUPLE, 8))
+        return tuple(self.items(payload, tags.TAG_TUPLE))
 
     def set_(self, payload: Any) -> set[Any]:
-        return set(_unflooded(self.items(payload, tags.TAG_SET, _PER_SET_ITEM)))
+        return set(_unflooded(self.items(payload, tags.TAG_SET)))
 
     def frozenset_(self, payload: Any) -> frozenset[Any]:
-        return frozenset(_unflooded(self.items(payload, tags.TAG_FROZENSET, _PER_SET_ITEM)))
+        return frozenset(_unflooded(self.items(payload, tags.TAG_FROZENSET)))
 
     def dict_(self, payload: Any) -> dict[Any, Any]:
-        pairs = self.items(payload, tags.TAG_DICT, _PER_DICT_ITEM)
+        pairs = self.items(payload, tags.TAG_DICT)
         if not all(type(p) is list and len(p) == 2 for p in pairs):
             raise BadValue(f"bad {tags.TAG_DICT} payload: expected [key, value] pairs")
         return dict(_unflooded(pairs, key=lambda p: p[0]))
 
-    def iso(self, kind: type[datetime.date] | type[datetime.time]) -> Callable[[Any], Any]:
+    def iso(self, tag: str, kind: type[datetime.date] | type[datetime.time]
+            ) -> Callable[[Any], Any]:
         def build(text: Any) -> Any:
             if not isinstance(text, str) or len(text) > 64:
-                raise BadValue(f"bad {kind.__name__} value")
-            self.spend(_PER_OBJECT)
+                raise BadValue(f"bad {tag} payload")
+            self.spend(tag, len(text))
             return kind.fromisoformat(text)
         return build
 
@@ -166,35 +171,23 @@ class _Untag:
         if not (type(payload) is list and len(payload) == 3
                 and all(type(x) is int for x in payload)):
             raise BadValue(f"bad {tags.TAG_TIMEDELTA} payload")
-        self.spend(_PER_OBJECT)
+        self.spend(tags.TAG_TIMEDELTA)
         return datetime.timedelta(days=payload[0], seconds=payload[1], microseconds=payload[2])
 
-    def decimal_(self, text: Any) -> decimal.Decimal:
-        if not isinstance(text, str):
-            raise BadValue(f"bad {tags.TAG_DECIMAL} payload")
-        self.spend(_PER_OBJECT + len(text))
-        return decimal.Decimal(text)
-
-    def text(self, build: Callable[[str], Any]) -> Callable[[Any], Any]:
+    def text(self, tag: str, build: Callable[[str], Any], longest: int | None = 128
+             ) -> Callable[[Any], Any]:
         def parse(text: Any) -> Any:
-            if not isinstance(text, str) or len(text) > 128:
-                raise BadValue("bad address or UUID payload")
-            self.spend(_PER_OBJECT)
+            if not isinstance(text, str) or (longest is not None and len(text) > longest):
+                raise BadValue(f"bad {tag} payload")
+            self.spend(tag, len(text))
             return build(text)
         return parse
-
-    def path(self, kind: type[pathlib.PurePath]) -> Callable[[Any], Any]:
-        def build(text: Any) -> Any:
-            if not isinstance(text, str):
-                raise BadValue("bad path payload")
-            self.spend(_PER_OBJECT + _PATH_BYTES_PER_CHAR * len(text))
-            return kind(text)
-        return build
 
     def complex_(self, payload: Any) -> complex:
         if not (type(payload) is list and len(payload) == 2
                 and all(type(x) in (int, float) for x in payload)):
             raise BadValue(f"bad {tags.TAG_COMPLEX} payload")
+        self.spend(tags.TAG_COMPLEX)
         return complex(payload[0], payload[1])
 
 
@@ -236,7 +229,7 @@ def decode_reply(frame: bytes | bytearray, frame_limit: int) -> tuple[str, dict[
     if cost > budget:
         raise ReplyTooLarge(cost, budget)
     tail = None if cut < 0 else view[cut + 1:]
-    hook = _Untag(budget - cost, tail) if tail is not None or b'"$' in frame else None
+    hook = _Untag(budget, budget - cost, tail) if tail is not None or b'"$' in frame else None
     try:
         text = str(text_bytes, "utf-8", "surrogatepass")
     except UnicodeDecodeError as exc:

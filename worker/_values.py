@@ -36,6 +36,7 @@ none of them.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -66,6 +67,26 @@ TAGS = frozenset({
     TAG_COMPLEX,
 })
 
+# What the parent allocates to rebuild one tag's value, as (fixed, per unit) bytes; units
+# are items for containers, bytes for blobs, characters for text payloads, none for the
+# other tags. The worker adds these up while encoding and the parent charges the same
+# amounts while decoding (see ``failcore_worker._data_cost``), so an honest reply never
+# exceeds the parent's budget unannounced. A set's or a dict's items include the parent's
+# hash-flood check (a count of their hashes). Checked against tracemalloc in the tests.
+_EXPANSION: dict[str, tuple[int, int]] = {
+    TAG_BYTES: (64, 1), TAG_BYTEARRAY: (96, 1), TAG_TUPLE: (64, 8), TAG_SET: (256, 256),
+    TAG_FROZENSET: (256, 256), TAG_DICT: (256, 224), TAG_DECIMAL: (128, 1),
+    TAG_PATH: (256, 48), TAG_PUREPOSIXPATH: (256, 48), TAG_PUREWINDOWSPATH: (256, 48),
+}
+_SCALAR_EXPANSION = 128
+
+
+def expansion(tag: str, units: int) -> int:
+    """Bytes the parent may allocate rebuilding one ``tag`` whose payload has ``units``."""
+    fixed, per_unit = _EXPANSION.get(tag, (_SCALAR_EXPANSION, 0))
+    return fixed + per_unit * units
+
+
 # Deeper than this is refused: the parent's JSON parser recurses once per level.
 MAX_DEPTH = 100
 # json (both sides) refuses ints of more digits than sys.int_max_str_digits (4300).
@@ -85,7 +106,10 @@ class NotData(Exception):
         self.type_name = type_name
         self.where = where
         self.why = why
-        super().__init__(self.describe())
+        super().__init__(type_name)
+
+    def __str__(self) -> str:
+        return self.describe()
 
     def describe(self) -> str:
         why = f" ({self.why})" if self.why else ""
@@ -109,17 +133,34 @@ def _type_name(value: object) -> str:
     return name if module in ("builtins", "") else f"{module}.{name}"
 
 
+class Encoded:
+    """A value as data: ``data`` (JSON-able), ``blobs`` (the raw bytes its ``$bytes`` tags
+    name, in order) and ``expansion`` (what the parent will spend rebuilding its tags)."""
+
+    __slots__ = ("data", "blobs", "expansion")
+
+    def __init__(self, data: Any, blobs: list[bytes | bytearray], expansion: int) -> None:
+        self.data = data
+        self.blobs = blobs
+        self.expansion = expansion
+
+
 class _Encoder:
     """One value's walk. ``left`` is what remains of the output limit, counted as a lower
     bound of the encoded size (a string of n characters is at least n bytes), so the walk
     stops as soon as the limit is certainly exceeded, before anything large is built."""
 
-    __slots__ = ("left", "limit", "blobs")
+    __slots__ = ("left", "limit", "blobs", "expansion")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.left = limit
         self.blobs: list[bytes | bytearray] = []
+        self.expansion = 0
+
+    def tag(self, name: str, payload: Any, units: int = 0) -> dict[str, Any]:
+        self.expansion += expansion(name, units)
+        return {name: payload}
 
     def spend(self, n: int) -> None:
         self.left -= n
@@ -134,7 +175,7 @@ class _Encoder:
             return v
         if t is int:
             if -(1 << 62) < v < (1 << 62):
-                self.left -= 2
+                self.left -= 2 + (v.bit_length() * 77 >> 8)  # at least its digits and a comma
                 return v
             return self.big_int(v)
         if v is None or t is bool:
@@ -144,7 +185,7 @@ class _Encoder:
             self.left -= 4
             if v - v == 0.0:  # finite
                 return v
-            return {TAG_FLOAT: "nan" if v != v else ("inf" if v > 0 else "-inf")}
+            return self.tag(TAG_FLOAT, "nan" if v != v else ("inf" if v > 0 else "-inf"))
         if depth >= MAX_DEPTH:
             raise NotData(_type_name(v), "", f"nested more than {MAX_DEPTH} levels deep, "
                                              "or it contains itself")
@@ -153,7 +194,7 @@ class _Encoder:
         if t is dict:
             return self.mapping(v, depth, key, v)
         if t is tuple:
-            return {TAG_TUPLE: self.sequence(v, depth, key)}
+            return self.tag(TAG_TUPLE, self.sequence(v, depth, key), len(v))
         return self.other(v, depth, key)
 
     def big_int(self, v: int) -> int:
@@ -162,19 +203,51 @@ class _Encoder:
         self.spend(v.bit_length() // 4 + 2)
         return v
 
-    def sequence(self, items: Any, depth: int, key: bool, mutable: Any = None) -> list[Any]:
+    def sequence(self, items: Any, depth: int, key: bool, mutable: Any = None) -> Any:
         if key and mutable is not None:
             raise NotData(_type_name(mutable), "", "not hashable, so not usable as a dict key")
+        self.spend(2)
+        if len(items) > 16 and type(items) in (list, tuple):
+            plain = self.plain_scalars(items)
+            if plain is not None:
+                return plain
         out = []
         i = 0
-        self.spend(2)
         try:
             for i, item in enumerate(items):  # noqa: B007 - i names the element on error
-                out.append(self.value(item, depth + 1, key))
+                t = type(item)
+                if t is str:
+                    self.left -= len(item) + 3
+                    out.append(item)
+                else:
+                    out.append(self.value(item, depth + 1, key))
+                if self.left < 0:
+                    self.spend(0)
         except NotData as exc:
             exc.where = f"[{i}]{exc.where}"
             raise
         return out
+
+    def plain_scalars(self, items: list[Any] | tuple[Any, ...]) -> Any:
+        """``items`` itself when it holds only strs, only small ints, or only finite floats
+        (the common big results): counted at C speed, sent without a copy. Else None."""
+        kinds = set(map(type, items))
+        if len(kinds) != 1:
+            return None
+        kind = kinds.pop()
+        if kind is str:
+            self.spend(sum(map(len, items)) + 3 * len(items))
+        elif kind is int:
+            if not -(1 << 62) < min(items) <= max(items) < (1 << 62):
+                return None
+            self.spend(2 * len(items))
+        elif kind is float:
+            if not all(map(math.isfinite, items)):
+                return None
+            self.spend(4 * len(items))
+        else:
+            return None
+        return items
 
     def mapping(self, v: Any, depth: int, key: bool, original: Any) -> Any:
         if key:
@@ -190,14 +263,18 @@ class _Encoder:
                     pairs.append([self.value(k, depth + 1, True), self.value(item, depth + 1)])
                     for k, item in items:
                         pairs.append([self.value(k, depth + 1, True), self.value(item, depth + 1)])
-                    return {TAG_DICT: pairs}
-                self.spend(len(k) + 4)
-                out[k] = self.value(item, depth + 1)
+                    return self.tag(TAG_DICT, pairs, len(pairs))
+                if type(item) is str:
+                    self.spend(len(k) + len(item) + 7)
+                    out[k] = item
+                else:
+                    self.spend(len(k) + 4)
+                    out[k] = self.value(item, depth + 1)
         except NotData as exc:
             exc.where = f"[{_short_repr(k)}]{exc.where}"
             raise
         if len(out) == 1 and k[:1] == "$":  # would read as a tag: send it unambiguously
-            return {TAG_DICT: [[k, out[k]]]}
+            return self.tag(TAG_DICT, [[k, out[k]]], 1)
         return out
 
     def other(self, v: Any, depth: int, key: bool) -> Any:
@@ -207,7 +284,7 @@ class _Encoder:
                 raise NotData("bytearray", "", "not hashable, so not usable as a dict key")
             self.spend(len(v) + 12)
             self.blobs.append(v)
-            return {TAG_BYTES if t is bytes else TAG_BYTEARRAY: len(v)}
+            return self.tag(TAG_BYTES if t is bytes else TAG_BYTEARRAY, len(v), len(v))
         enum = sys.modules.get("enum")
         if enum is not None and isinstance(v, enum.Enum):
             return self.value(v.value, depth + 1, key)
@@ -222,17 +299,18 @@ class _Encoder:
         if isinstance(v, bytearray):
             return self.value(bytearray(v), depth, key)
         if isinstance(v, tuple):  # named tuples (collections and typing) and other subclasses
-            return {TAG_TUPLE: self.sequence(v, depth, key)}
+            return self.tag(TAG_TUPLE, self.sequence(v, depth, key), len(v))
         if isinstance(v, frozenset):
-            return {TAG_FROZENSET: self.sequence(v, depth, key)}
+            return self.tag(TAG_FROZENSET, self.sequence(v, depth, key), len(v))
         if isinstance(v, set):
-            return {TAG_SET: self.sequence(v, depth, key, v)}
+            return self.tag(TAG_SET, self.sequence(v, depth, key, v), len(v))
         if isinstance(v, dict):  # OrderedDict, defaultdict, Counter, ...
             return self.mapping(v, depth, key, v)
         if isinstance(v, list):
             return self.sequence(v, depth, key, v)
         if t is complex:
-            return {TAG_COMPLEX: [self.value(v.real, depth + 1), self.value(v.imag, depth + 1)]}
+            return self.tag(TAG_COMPLEX, [self.value(v.real, depth + 1),
+                                          self.value(v.imag, depth + 1)])
         dataclasses = sys.modules.get("dataclasses")
         if (dataclasses is not None and dataclasses.is_dataclass(v)
                 and not isinstance(v, type)):
@@ -249,8 +327,10 @@ class _Encoder:
             return self.mapping(dumped, depth, False, v)
         tagged = _standard(v)
         if tagged is not None:
-            self.spend(16)
-            return tagged
+            name, payload = tagged
+            units = len(payload) if isinstance(payload, str) else 0
+            self.spend(16 + units)
+            return self.tag(name, payload, units)
         deque = getattr(sys.modules.get("collections"), "deque", None)
         if deque is not None and isinstance(v, deque):
             return self.sequence(v, depth, key, v)
@@ -262,50 +342,56 @@ def _short_repr(key: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _standard(v: Any) -> dict[str, Any] | None:
+def _standard(v: Any) -> tuple[str, Any] | None:
     """The tag of a standard-library value type, or None (only modules already imported)."""
     mods = sys.modules
     dt = mods.get("datetime")
     if dt is not None:
         if isinstance(v, dt.datetime):
-            return {TAG_DATETIME: v.isoformat()}
+            return TAG_DATETIME, v.isoformat()
         if isinstance(v, dt.date):
-            return {TAG_DATE: v.isoformat()}
+            return TAG_DATE, v.isoformat()
         if isinstance(v, dt.time):
-            return {TAG_TIME: v.isoformat()}
+            return TAG_TIME, v.isoformat()
         if isinstance(v, dt.timedelta):
-            return {TAG_TIMEDELTA: [v.days, v.seconds, v.microseconds]}
+            return TAG_TIMEDELTA, [v.days, v.seconds, v.microseconds]
     dec = mods.get("decimal")
     if dec is not None and isinstance(v, dec.Decimal):
-        return {TAG_DECIMAL: str(v)}
+        return TAG_DECIMAL, str(v)
     uuid = mods.get("uuid")
     if uuid is not None and isinstance(v, uuid.UUID):
-        return {TAG_UUID: str(v)}
+        return TAG_UUID, str(v)
     pathlib = mods.get("pathlib")
     if pathlib is not None and isinstance(v, pathlib.PurePath):
         if isinstance(v, pathlib.PureWindowsPath):
-            return {TAG_PUREWINDOWSPATH: str(v)}
+            return TAG_PUREWINDOWSPATH, str(v)
         if isinstance(v, pathlib.Path):
-            return {TAG_PATH: str(v)}
-        return {TAG_PUREPOSIXPATH: str(v)}
+            return TAG_PATH, str(v)
+        return TAG_PUREPOSIXPATH, str(v)
     ipaddress = mods.get("ipaddress")
     if ipaddress is not None:
         if isinstance(v, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
-            return {TAG_IPINTERFACE: str(v)}
+            return TAG_IPINTERFACE, str(v)
         if isinstance(v, ipaddress.IPv4Address | ipaddress.IPv6Address):
-            return {TAG_IP: str(v)}
+            return TAG_IP, str(v)
         if isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
-            return {TAG_IPNETWORK: str(v)}
+            return TAG_IPNETWORK, str(v)
     return None
 
 
-def to_data(value: Any, limit: int) -> tuple[Any, list[bytes | bytearray]]:
-    """``value`` as tagged JSON-able data plus the blobs its ``$bytes`` tags refer to.
+def to_data(value: Any, limit: int) -> Encoded:
+    """``value`` as tagged JSON-able data, the blobs its ``$bytes`` tags refer to, and what
+    rebuilding its tags will cost the parent.
 
     Raises :class:`NotData` (a type that cannot cross, nesting deeper than ``MAX_DEPTH``,
-    a cycle) or :class:`TooLarge` as soon as the encoding certainly exceeds ``limit``
-    bytes, before building it.
+    a cycle) or :class:`TooLarge` when the encoding certainly exceeds ``limit`` bytes
+    (counted as a lower bound: each string its length, each number its digits, each blob
+    its bytes), as soon as an item takes it over, before building anything large.
     """
+    t = type(value)
+    if value is None or t is bool or (t is int and -(1 << 62) < value < (1 << 62)) or (
+            t is str and len(value) + 3 <= limit):
+        return Encoded(value, [], 0)  # the common small result, without a walk
     enc = _Encoder(limit)
     try:
         data = enc.value(value, 0)
@@ -314,4 +400,5 @@ def to_data(value: Any, limit: int) -> tuple[Any, list[bytes | bytearray]]:
         raise
     except RecursionError:
         raise NotData(_type_name(value), "result", "nested too deeply") from None
-    return data, enc.blobs
+    enc.spend(0)  # numbers are counted without a check each
+    return Encoded(data, enc.blobs, enc.expansion)

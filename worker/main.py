@@ -310,15 +310,17 @@ def encode_reply(kind: str, body: dict[str, Any], output_bytes: int) -> bytes:
     the parent applies, so an honest tool gets a clear error and keeps its worker."""
     try:
         blobs: list[bytes | bytearray] = []
+        expansion = 0
         if kind == "result":
-            body["value"], blobs = _values.to_data(body["value"], output_bytes)
+            encoded = _values.to_data(body["value"], output_bytes)
+            body["value"], blobs, expansion = encoded.data, encoded.blobs, encoded.expansion
         text = protocol.data_text(kind, body)
         limit = protocol.reply_limit(output_bytes)
         size = len(text) + sum(len(b) + 1 for b in blobs)
         if size > limit:
             raise _values.TooLarge(size - protocol.REPLY_ENVELOPE_BYTES, output_bytes)
         # The parent's own check, on the same text (see failcore._values.decode_reply).
-        cost = _data_cost.decode_cost(text, len(text) if blobs else None)
+        cost = _data_cost.decode_cost(text, len(text) if blobs else None) + expansion
         if cost > _data_cost.decode_budget(limit):
             return _refusal(body, protocol.ERR_TOO_LARGE, None, (
                 f"result would cost the parent about {cost} bytes to decode, more than "
