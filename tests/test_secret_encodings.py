@@ -111,8 +111,9 @@ def traced(tmp_path: Path) -> Iterator[tuple[Session, Path]]:
         yield session, path
 
 
+# ".." is left out: the pre-check judges a secret like "a/../b" as a path (and refuses it).
 secret_text = st.text(alphabet=ALPHABET, min_size=4, max_size=20).filter(
-    lambda s: any(c in CHANGING for c in s) and s.strip() == s)
+    lambda s: any(c in CHANGING for c in s) and s.strip() == s and ".." not in s)
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
