@@ -210,10 +210,6 @@ def _unflooded(items: list[Any], key: Callable[[Any], Any] | None = None) -> lis
     return items
 
 
-def _no_constants(name: str) -> Any:
-    raise BadReply(f"JSON constant {name} is not data a worker sends (floats are tagged)")
-
-
 def decode_reply(frame: bytes | bytearray, frame_limit: int) -> tuple[str, dict[str, Any]]:
     """``(kind, body)`` of a reply frame (the payload after the header), values rebuilt.
 
@@ -221,21 +217,24 @@ def decode_reply(frame: bytes | bytearray, frame_limit: int) -> tuple[str, dict[
     decoded reply may cost at most ``DECODE_MULTIPLE`` times that. Raises
     :class:`ReplyTooLarge`, :class:`BadReply` or :class:`BadValue`.
     """
-    view = memoryview(frame)
-    cut = frame.find(b"\0")
-    text_bytes = view if cut < 0 else view[:cut]
     budget = decode_budget(frame_limit)
+    cut = frame.find(b"\0")
     cost = decode_cost(frame, None if cut < 0 else cut)
     if cost > budget:
         raise ReplyTooLarge(cost, budget)
-    tail = None if cut < 0 else view[cut + 1:]
+    if cut < 0:
+        text: bytes | bytearray | str = frame
+        tail = None
+    else:
+        view = memoryview(frame)
+        try:
+            text = str(view[:cut], "utf-8", "surrogatepass")
+        except UnicodeDecodeError as exc:
+            raise BadReply(f"not UTF-8: {exc}") from None
+        tail = view[cut + 1:]
     hook = _Untag(budget, budget - cost, tail) if tail is not None or b'"$' in frame else None
     try:
-        text = str(text_bytes, "utf-8", "surrogatepass")
-    except UnicodeDecodeError as exc:
-        raise BadReply(f"not UTF-8: {exc}") from None
-    try:
-        kind, body = protocol.decode_data(text, object_hook=hook, parse_constant=_no_constants)
+        kind, body = protocol.decode_data(text, hook)
     except protocol.BadFrame as exc:
         raise BadReply(str(exc)) from None
     except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
@@ -263,13 +262,15 @@ def _check_envelope(kind: str, body: dict[str, Any]) -> None:
         raise BadReply(f"unknown reply kind {kind[:40]!r}")
     for name, expected in fields.items():
         value = body.get(name)
-        if expected is not None and value is not None and type(value) is not expected:
+        if value is not None and expected is not None and type(value) is not expected:
             raise BadReply(f"field {name!r} of a {kind} reply is not a {expected.__name__}")
-    for event in body.get("events") or ():
-        if type(event) is not dict or not all(
-                type(v) in _EVENT_TYPES or (type(v) is list and all(type(x) is str for x in v))
-                for v in event.values()):
-            raise BadReply("a guard event that is not a flat record")
+    events = body.get("events")
+    if events:
+        for event in events:
+            if type(event) is not dict or not all(
+                    type(v) in _EVENT_TYPES or (type(v) is list and all(type(x) is str for x in v))
+                    for v in event.values()):
+                raise BadReply("a guard event that is not a flat record")
 
 
 _EVENT_TYPES = frozenset({str, int, float, bool, type(None)})

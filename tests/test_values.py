@@ -277,7 +277,7 @@ def test_a_pickle_is_not_a_reply() -> None:
     ('["result", {"events": [{"op": {"$tuple": []}}]}]', "not a flat record"),
     ('["error", {"message": 5}]', "not a str"),
     ('["result", {"retire": "yes"}]', "not a bool"),
-    ('["result", {"value": NaN}]', "JSON constant NaN"),
+    ('["result", {"value": NaN}]', "the constant NaN"),
     ('["result", {"value": 1} ] x', "not JSON"),
     ('["result", {"value": "\\ud800"}', "not JSON"),
     ("[" * 100_000 + "]" * 100_000, "not JSON"),

@@ -48,6 +48,7 @@ class _State:
         self.base_dir = ""
         self.init_error: dict[str, Any] | None = None
         self.seen_calls: set[str] = set()
+        self.call_id: str | None = None  # the current request's, as its token names it
         self.calls = 0
         self.cpu_hard = 0.0
         self.cpu_s = 0
@@ -200,6 +201,7 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
     except ValueError as exc:
         return _error(protocol.ERR_TOKEN, None, f"capability token is malformed: {exc}")
     call_id = header.get("call_id")
+    state.call_id = call_id if isinstance(call_id, str) else None
     if header.get("tool") != state.tool:
         return _error(protocol.ERR_TOKEN, None,
                       f"token is for tool {header.get('tool')!r}, this worker runs {state.tool!r}")
@@ -222,8 +224,9 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
 
 
 def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    state.call_id = None
     reply_kind, reply = _run_checked(state, body)
-    reply["call_id"] = _call_id(body)
+    reply["call_id"] = state.call_id if state.call_id is not None else _call_id(body)
     return reply_kind, reply
 
 
@@ -316,7 +319,7 @@ def encode_reply(kind: str, body: dict[str, Any], output_bytes: int) -> bytes:
             body["value"], blobs, expansion = encoded.data, encoded.blobs, encoded.expansion
         text = protocol.data_text(kind, body)
         limit = protocol.reply_limit(output_bytes)
-        size = len(text) + sum(len(b) + 1 for b in blobs)
+        size = len(text) + sum(len(b) + 1 for b in blobs) if blobs else len(text)
         if size > limit:
             raise _values.TooLarge(size - protocol.REPLY_ENVELOPE_BYTES, output_bytes)
         # The parent's own check, on the same text (see failcore._values.decode_reply).
