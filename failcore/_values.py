@@ -232,7 +232,8 @@ def decode_reply(frame: bytes | bytearray, frame_limit: int) -> tuple[str, dict[
         except UnicodeDecodeError as exc:
             raise BadReply(f"not UTF-8: {exc}") from None
         tail = view[cut + 1:]
-    hook = _Untag(budget, budget - cost, tail) if tail is not None or b'"$' in frame else None
+    # Tags are objects whose key starts with "$": without a "$" anywhere there are none.
+    hook = _Untag(budget, budget - cost, tail) if tail is not None or b"$" in frame else None
     try:
         kind, body = protocol.decode_data(text, hook)
     except protocol.BadFrame as exc:
@@ -246,25 +247,28 @@ def decode_reply(frame: bytes | bytearray, frame_limit: int) -> tuple[str, dict[
     return kind, body
 
 
-# The fields the parent reads, with the types it reads them as (None: any data).
-_RESULT_FIELDS: dict[str, type | None] = {"value": None, "retire": bool, "call_id": str,
-                                          "events": list}
-_ERROR_FIELDS: dict[str, type | None] = {"kind": str, "type": str, "message": str,
-                                         "traceback": str, "call_id": str, "events": list}
+# The fields the parent reads, with the types it reads them as: a result's "value" is any
+# data, "retire" a bool; an error's text fields are str; both carry "call_id" and "events".
+_ERROR_TEXT = ("kind", "type", "message", "traceback")
 
 
 def _check_envelope(kind: str, body: dict[str, Any]) -> None:
     if kind == "result":
-        fields = _RESULT_FIELDS
+        retire = body.get("retire")
+        if retire is not None and type(retire) is not bool:
+            raise BadReply("field 'retire' of a result reply is not a bool")
     elif kind == "error":
-        fields = _ERROR_FIELDS
+        for name in _ERROR_TEXT:
+            value = body.get(name)
+            if value is not None and type(value) is not str:
+                raise BadReply(f"field {name!r} of an error reply is not a str")
     else:
         raise BadReply(f"unknown reply kind {kind[:40]!r}")
-    for name, expected in fields.items():
-        value = body.get(name)
-        if value is not None and expected is not None and type(value) is not expected:
-            raise BadReply(f"field {name!r} of a {kind} reply is not a {expected.__name__}")
-    events = body.get("events")
+    call_id, events = body.get("call_id"), body.get("events")
+    if call_id is not None and type(call_id) is not str:
+        raise BadReply(f"field 'call_id' of a {kind} reply is not a str")
+    if events is not None and type(events) is not list:
+        raise BadReply(f"field 'events' of a {kind} reply is not a list")
     if events:
         for event in events:
             if type(event) is not dict or not all(

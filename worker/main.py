@@ -308,16 +308,26 @@ def _between_calls(state: _State) -> None:
         guards.runtime_end()
 
 
+# Results that are data as they are, without a walk: None, a str within the limit, an int
+# of fewer digits than this bound (json refuses beyond 4300).
+_BIG = 1 << 62
+
+
 def encode_reply(kind: str, body: dict[str, Any], output_bytes: int) -> bytes:
     """The reply frame: a result's value as data (``_values``), checked against the limits
     the parent applies, so an honest tool gets a clear error and keeps its worker."""
     try:
         blobs: list[bytes | bytearray] = []
         expansion = 0
-        if kind == "result":
-            encoded = _values.to_data(body["value"], output_bytes)
+        value = body.get("value")
+        t = type(value)
+        if kind == "result" and not (value is None or (t is int and -_BIG < value < _BIG)
+                                     or (t is str and len(value) < output_bytes)):
+            encoded = _values.to_data(value, output_bytes)
             body["value"], blobs, expansion = encoded.data, encoded.blobs, encoded.expansion
         text = protocol.data_text(kind, body)
+        if len(text) <= _data_cost.SMALL and not blobs and not expansion:
+            return protocol.frame_data(text)  # within every limit and budget
         limit = protocol.reply_limit(output_bytes)
         size = len(text) + sum(len(b) + 1 for b in blobs) if blobs else len(text)
         if size > limit:

@@ -143,7 +143,32 @@ def encode_data(kind: str, body: dict[str, Any],
 
 def data_text(kind: str, body: dict[str, Any]) -> bytes:
     """The JSON text of a worker -> parent frame (what ``decode_data`` parses)."""
-    return _encode([kind, body]).encode("utf-8", "surrogatepass")
+    text = _small_result_text(body) if kind == "result" else None
+    if text is None:
+        text = _encode([kind, body])
+    return text.encode("utf-8", "surrogatepass")
+
+
+_SMALL_RESULT_FIELDS = frozenset({"value", "events", "retire", "call_id"})
+_quote = json.encoder.encode_basestring  # the C version when available
+
+
+def _small_result_text(body: dict[str, Any]) -> str | None:
+    """The warm path's common reply (a str or a small number, no events) written directly:
+    the same text the encoder writes, in a fifth of its time. None: use the encoder."""
+    value, call_id = body.get("value"), body.get("call_id")
+    if body.get("events") or type(call_id) is not str or body.keys() != _SMALL_RESULT_FIELDS:
+        return None
+    if type(value) is str:
+        shown = _quote(value)
+    elif type(value) is int and -(1 << 62) < value < (1 << 62):
+        shown = int.__repr__(value)
+    elif value is None:
+        shown = "null"
+    else:
+        return None
+    retire = "true" if body["retire"] else "false"
+    return f'["result",{{"value":{shown},"events":[],"retire":{retire},"call_id":{_quote(call_id)}}}]'
 
 
 def frame_data(text: bytes, blobs: Sequence[bytes | bytearray] = ()) -> bytes:
@@ -164,6 +189,11 @@ def _no_constant(name: str) -> Any:
 
 # Made once: json.loads with any non-default option builds a new decoder per call (~3 us).
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
+# The C scanner itself: (value, end) from a start index, StopIteration when no value starts
+# there. A frame has no whitespace around its text (what decode() strips with two regex
+# calls), so anything after the value is an error.
+_Scan = Callable[[str, int], tuple[Any, int]]
+_SCAN: _Scan = _DECODER.scan_once  # type: ignore[attr-defined]
 
 
 def decode_data(text: str | bytes | bytearray,
@@ -177,12 +207,12 @@ def decode_data(text: str | bytes | bytearray,
             text = text.decode("utf-8", "surrogatepass")
         except UnicodeDecodeError as exc:
             raise BadFrame(f"not UTF-8: {exc}") from None
-    decoder = _DECODER if object_hook is None else json.JSONDecoder(
-        object_hook=object_hook, parse_constant=_no_constant)
+    scan: _Scan = _SCAN if object_hook is None else json.JSONDecoder(  # type: ignore[attr-defined]
+        object_hook=object_hook, parse_constant=_no_constant).scan_once
     try:
-        # raw_decode, not decode: a frame has no whitespace around its text (decode strips
-        # it with two regex calls), so anything after the value is an error.
-        value, end = decoder.raw_decode(text)
+        value, end = scan(text, 0)
+    except StopIteration:
+        raise BadFrame("not JSON: no value at the start") from None
     except (json.JSONDecodeError, RecursionError) as exc:
         raise BadFrame(f"not JSON: {exc}") from None
     if end != len(text):
