@@ -101,7 +101,7 @@ def _read_reply(worker: Worker, tool: str, payload: bytes | bytearray,
     out = Outcome(recv_kind=kind, recv_bytes=recv_bytes, events=list(body.get("events") or []))
     if kind == "result":
         out.value = body.get("value")
-        out.reuse = not body.get("retire", False)
+        out.reuse = body.get("retire") is not True
         return out
     return _map_error(tool, body, out)
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from failcore_worker import _values as tags
 from failcore_worker import protocol
-from failcore_worker._data_cost import DECODE_MULTIPLE, decode_budget, decode_cost
+from failcore_worker._data_cost import DECODE_MULTIPLE, SMALL, decode_budget, decode_cost
 
 __all__ = ["BadReply", "BadValue", "ReplyTooLarge", "decode_reply"]
 
@@ -217,8 +217,29 @@ def decode_reply(frame: bytes | bytearray, frame_limit: int) -> tuple[str, dict[
     decoded reply may cost at most ``DECODE_MULTIPLE`` times that. Raises
     :class:`ReplyTooLarge`, :class:`BadReply` or :class:`BadValue`.
     """
+    cut = frame.find(0)
+    # The common small reply: no blobs (no NUL), no tags (no "$" at all: a tag is an object
+    # whose only key starts with "$"), within every budget (SMALL bytes cost at most 1 MiB).
+    if cut < 0 and len(frame) <= SMALL and 36 not in frame:
+        try:
+            kind, body = protocol.decode_data(frame)
+        except protocol.BadFrame as exc:
+            raise BadReply(str(exc)) from None
+        except ValueError as exc:  # an int of more than 4300 digits
+            raise BadValue(f"{type(exc).__name__}: {exc}") from None
+    else:
+        kind, body = _decode_with_tags(frame, frame_limit, cut)
+    if kind != "result" and kind != "error":
+        raise BadReply(f"unknown reply kind {kind[:40]!r}")
+    events = body.get("events")
+    if events:
+        _check_events(events)
+    return kind, body
+
+
+def _decode_with_tags(frame: bytes | bytearray, frame_limit: int, cut: int
+                      ) -> tuple[str, dict[str, Any]]:
     budget = decode_budget(frame_limit)
-    cut = frame.find(b"\0")
     cost = decode_cost(frame, None if cut < 0 else cut)
     if cost > budget:
         raise ReplyTooLarge(cost, budget)
@@ -232,8 +253,7 @@ def decode_reply(frame: bytes | bytearray, frame_limit: int) -> tuple[str, dict[
         except UnicodeDecodeError as exc:
             raise BadReply(f"not UTF-8: {exc}") from None
         tail = view[cut + 1:]
-    # Tags are objects whose key starts with "$": without a "$" anywhere there are none.
-    hook = _Untag(budget, budget - cost, tail) if tail is not None or b"$" in frame else None
+    hook = _Untag(budget, budget - cost, tail)
     try:
         kind, body = protocol.decode_data(text, hook)
     except protocol.BadFrame as exc:
@@ -241,40 +261,22 @@ def decode_reply(frame: bytes | bytearray, frame_limit: int) -> tuple[str, dict[
     except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
         # A tag's payload that its type refused (a bad date, an address, a huge number).
         raise BadValue(f"{type(exc).__name__}: {exc}") from None
-    if hook is not None and tail is not None and hook.cursor != len(tail):
+    if tail is not None and hook.cursor != len(tail):
         raise BadReply(f"{len(tail) - hook.cursor} bytes after the last blob")
-    _check_envelope(kind, body)
     return kind, body
 
 
-# The fields the parent reads, with the types it reads them as: a result's "value" is any
-# data, "retire" a bool; an error's text fields are str; both carry "call_id" and "events".
-_ERROR_TEXT = ("kind", "type", "message", "traceback")
-
-
-def _check_envelope(kind: str, body: dict[str, Any]) -> None:
-    if kind == "result":
-        retire = body.get("retire")
-        if retire is not None and type(retire) is not bool:
-            raise BadReply("field 'retire' of a result reply is not a bool")
-    elif kind == "error":
-        for name in _ERROR_TEXT:
-            value = body.get(name)
-            if value is not None and type(value) is not str:
-                raise BadReply(f"field {name!r} of an error reply is not a str")
-    else:
-        raise BadReply(f"unknown reply kind {kind[:40]!r}")
-    call_id, events = body.get("call_id"), body.get("events")
-    if call_id is not None and type(call_id) is not str:
-        raise BadReply(f"field 'call_id' of a {kind} reply is not a str")
-    if events is not None and type(events) is not list:
-        raise BadReply(f"field 'events' of a {kind} reply is not a list")
-    if events:
-        for event in events:
-            if type(event) is not dict or not all(
-                    type(v) in _EVENT_TYPES or (type(v) is list and all(type(x) is str for x in v))
-                    for v in event.values()):
-                raise BadReply("a guard event that is not a flat record")
+def _check_events(events: Any) -> None:
+    """Guard events are a list of flat records (the session reads and re-judges them).
+    The other fields need no check: ``retire`` counts only when it is ``True``, an error's
+    fields are read through ``str()``."""
+    if type(events) is not list:
+        raise BadReply("field 'events' of a reply is not a list")
+    for event in events:
+        if type(event) is not dict or not all(
+                type(v) in _EVENT_TYPES or (type(v) is list and all(type(x) is str for x in v))
+                for v in event.values()):
+            raise BadReply("a guard event that is not a flat record")
 
 
 _EVENT_TYPES = frozenset({str, int, float, bool, type(None)})

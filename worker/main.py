@@ -182,8 +182,7 @@ def _error(kind: str, exc: BaseException | None, message: str = "", **extra: Any
 
 
 def _call_id(body: dict[str, Any]) -> str | None:
-    """The call id the request's token names (echoed in the reply, verified or not: the
-    parent matches replies to the calls it sent)."""
+    """The call id the request's token names, read without verifying it (error replies)."""
     try:
         header, _grants, _limits = protocol.split_token(body["token"])
     except (KeyError, ValueError, TypeError, AttributeError):
@@ -224,17 +223,14 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
 
 
 def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Run one request; every reply names the call id its token carries (verified or not:
+    the parent matches replies to the calls it sent)."""
     state.call_id = None
-    reply_kind, reply = _run_checked(state, body)
-    reply["call_id"] = state.call_id if state.call_id is not None else _call_id(body)
-    return reply_kind, reply
-
-
-def _run_checked(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if state.init_error is not None:
-        return "error", dict(state.init_error)
+        return "error", dict(state.init_error, call_id=_call_id(body))
     checked = _check_token(state, body)
     if isinstance(checked, dict):
+        checked["call_id"] = state.call_id if state.call_id is not None else _call_id(body)
         return "error", checked
     state.calls += 1
     guards.runtime_begin()
@@ -274,6 +270,7 @@ def _run_checked(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, An
                                           "rule": "event cap",
                                           "reason": f"{dropped} further events not reported"}]
     reply[1]["events"] = events
+    reply[1]["call_id"] = state.call_id
     if reply[0] == "result":
         reply[1]["retire"] = state.cpu_hard - _cpu_used() < state.cpu_s + 1
     return reply
@@ -308,26 +305,20 @@ def _between_calls(state: _State) -> None:
         guards.runtime_end()
 
 
-# Results that are data as they are, without a walk: None, a str within the limit, an int
-# of fewer digits than this bound (json refuses beyond 4300).
-_BIG = 1 << 62
-
-
 def encode_reply(kind: str, body: dict[str, Any], output_bytes: int) -> bytes:
     """The reply frame: a result's value as data (``_values``), checked against the limits
     the parent applies, so an honest tool gets a clear error and keeps its worker."""
+    if kind == "result" and output_bytes > _data_cost.SMALL:
+        frame = protocol.small_result_frame(body)  # within every limit and budget
+        if frame is not None:
+            return frame
     try:
         blobs: list[bytes | bytearray] = []
         expansion = 0
-        value = body.get("value")
-        t = type(value)
-        if kind == "result" and not (value is None or (t is int and -_BIG < value < _BIG)
-                                     or (t is str and len(value) < output_bytes)):
-            encoded = _values.to_data(value, output_bytes)
+        if kind == "result":
+            encoded = _values.to_data(body["value"], output_bytes)
             body["value"], blobs, expansion = encoded.data, encoded.blobs, encoded.expansion
         text = protocol.data_text(kind, body)
-        if len(text) <= _data_cost.SMALL and not blobs and not expansion:
-            return protocol.frame_data(text)  # within every limit and budget
         limit = protocol.reply_limit(output_bytes)
         size = len(text) + sum(len(b) + 1 for b in blobs) if blobs else len(text)
         if size > limit:

@@ -143,32 +143,38 @@ def encode_data(kind: str, body: dict[str, Any],
 
 def data_text(kind: str, body: dict[str, Any]) -> bytes:
     """The JSON text of a worker -> parent frame (what ``decode_data`` parses)."""
-    text = _small_result_text(body) if kind == "result" else None
-    if text is None:
-        text = _encode([kind, body])
-    return text.encode("utf-8", "surrogatepass")
+    return _encode([kind, body]).encode("utf-8", "surrogatepass")
 
 
-_SMALL_RESULT_FIELDS = frozenset({"value", "events", "retire", "call_id"})
 _quote = json.encoder.encode_basestring  # the C version when available
+_MISSING = object()
 
 
-def _small_result_text(body: dict[str, Any]) -> str | None:
-    """The warm path's common reply (a str or a small number, no events) written directly:
-    the same text the encoder writes, in a fifth of its time. None: use the encoder."""
-    value, call_id = body.get("value"), body.get("call_id")
-    if body.get("events") or type(call_id) is not str or body.keys() != _SMALL_RESULT_FIELDS:
+def small_result_frame(body: dict[str, Any]) -> bytes | None:
+    """The whole frame of the warm path's common reply, written directly: a result whose
+    value is a short str, an int below 2**62 or None, without events. The same text the
+    encoder writes, for a fraction of its cost. None: use ``encode_data``."""
+    if len(body) != 4:
         return None
-    if type(value) is str:
+    value, call_id = body.get("value", _MISSING), body.get("call_id")
+    events, retire = body.get("events"), body.get("retire")
+    if type(call_id) is not str or type(events) is not list or events or type(retire) is not bool:
+        return None
+    if type(value) is int and -(1 << 62) < value < (1 << 62):
+        shown = str(value)
+    elif type(value) is str and len(value) <= 4096:
         shown = _quote(value)
-    elif type(value) is int and -(1 << 62) < value < (1 << 62):
-        shown = int.__repr__(value)
     elif value is None:
         shown = "null"
     else:
         return None
-    retire = "true" if body["retire"] else "false"
-    return f'["result",{{"value":{shown},"events":[],"retire":{retire},"call_id":{_quote(call_id)}}}]'
+    try:
+        text = ('["result",{"value":' + shown + ',"events":[],"retire":'
+                + ("true" if retire else "false") + ',"call_id":' + _quote(call_id) + "}]"
+                ).encode()
+    except UnicodeEncodeError:  # a lone surrogate: the general path carries it
+        return None
+    return HEADER.pack(len(text)) + text
 
 
 def frame_data(text: bytes, blobs: Sequence[bytes | bytearray] = ()) -> bytes:
@@ -202,9 +208,9 @@ def decode_data(text: str | bytes | bytearray,
     """Parse a worker -> parent frame's JSON text; linear in its size, raises BadFrame when
     malformed (``NaN``/``Infinity`` included). ``object_hook`` as for ``json.loads``;
     whatever it raises propagates."""
-    if isinstance(text, bytes | bytearray):
+    if type(text) is not str:
         try:
-            text = text.decode("utf-8", "surrogatepass")
+            text = text.decode("utf-8", "surrogatepass")  # type: ignore[union-attr]
         except UnicodeDecodeError as exc:
             raise BadFrame(f"not UTF-8: {exc}") from None
     scan: _Scan = _SCAN if object_hook is None else json.JSONDecoder(  # type: ignore[attr-defined]
