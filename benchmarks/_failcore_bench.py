@@ -80,7 +80,7 @@ def measure_secret_call(n: int, warmup: int) -> Row:
                                                                   secret=["token"]))
 
             def call() -> None:
-                s.call("inc_secret", x=1, token="p@ss w0rd/+=é")
+                s.call("inc_secret", x=1, token="p@ss w0rd+=é")
 
             for _ in range(warmup):
                 call()

@@ -9,7 +9,7 @@ import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from failcore._scrub import Scrubber
+from failcore._scrub import scrubber_for
 
 # Observers see (kind, call_id, body) of every record, after secrets are scrubbed.
 Observer = Callable[[str, "str | None", dict[str, Any]], None]
@@ -59,13 +59,15 @@ class ScrubbingTrace:
 
     def __init__(self, trace: Any, hidden: list[str]) -> None:
         self._trace = trace
-        self.scrubber = Scrubber(hidden)
+        self.scrubber = scrubber_for(tuple(hidden))
 
     def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
                plain: bool = False) -> Any:
-        from failcore._validation import to_jsonable
+        if not plain:  # plain: the caller's promise that the body is JSON-native already
+            from failcore._validation import to_jsonable
 
-        return self._trace.record(kind, call_id, self.scrubber.value(to_jsonable(body)))
+            body = to_jsonable(body)
+        return self._trace.record(kind, call_id, self.scrubber.value(body), plain=plain)
 
 
 class ObservedTrace:

@@ -14,7 +14,8 @@ characters that depend on the secret's bytes alone, in the standard and the URL-
 alphabet (padding never belongs to that run, so padded and unpadded texts both match).
 :class:`Scrubber` replaces every form in every string of a record (keys included) and in
 a raised error's message and remote traceback. Forms are computed once per secret value
-(cached), so a call with secrets pays only the substring checks.
+(cached), and strings a call's records repeat are remembered clean, so a call with
+secrets pays only the substring checks of its new strings.
 """
 
 from __future__ import annotations
@@ -75,10 +76,16 @@ def encoded_forms(secret: str) -> tuple[str, ...]:
     return tuple(sorted((f for f in forms if len(f) >= MIN_FORM), key=len, reverse=True))
 
 
+# Short strings found clean are remembered (per set of secrets): a call's records repeat
+# the same keys and values (tool name, status, field names) call after call.
+_CLEAN_MEMO = 4096
+_CLEAN_LEN = 256
+
+
 class Scrubber:
     """Replaces every encoded form of the given secrets with a placeholder."""
 
-    __slots__ = ("forms", "mark", "shortest")
+    __slots__ = ("forms", "mark", "shortest", "_clean")
 
     def __init__(self, secrets: Iterable[str]) -> None:
         forms: set[str] = set()
@@ -89,27 +96,51 @@ class Scrubber:
         # The placeholder must not itself contain a form (a secret such as "cret").
         self.mark = next(m for m in (PLACEHOLDER, *_SPARE_MARKS)
                          if not any(f in m for f in self.forms))
+        self._clean: set[str] = set()
 
     def text(self, s: str) -> str:
-        if len(s) < self.shortest:
+        if len(s) < self.shortest or s in self._clean:
             return s
         changed = False
         for form in self.forms:
             if form in s:
                 s = s.replace(form, self.mark)
                 changed = True
-        if changed and any(form in s for form in self.forms):
+        if not changed:
+            if len(s) <= _CLEAN_LEN and len(self._clean) < _CLEAN_MEMO:
+                self._clean.add(s)
+            return s
+        if any(form in s for form in self.forms):
             return self.mark  # a replacement joined its neighbours into a new occurrence
         return s
 
     def value(self, value: Any) -> Any:
         """``value`` (JSON-like data) with every string scrubbed, dict keys included."""
-        if isinstance(value, str):
+        t = type(value)
+        if t is str:
             return self.text(value)
-        if isinstance(value, dict):
-            return {self.value(k): self.value(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
+        if t is dict:
+            out = {}
+            shortest, clean = self.shortest, self._clean
+            for k, v in value.items():
+                if type(k) is not str or (len(k) >= shortest and k not in clean):
+                    k = self.value(k)
+                tv = type(v)
+                if tv is str:
+                    if len(v) >= shortest and v not in clean:
+                        v = self.text(v)
+                elif tv is dict or tv is list or tv is tuple:
+                    v = self.value(v)
+                out[k] = v
+            return out
+        if t is list or t is tuple:
             return [self.value(v) for v in value]
+        if isinstance(value, str):
+            return self.text(str(value))
+        if isinstance(value, dict):
+            return self.value(dict(value))
+        if isinstance(value, list | tuple):
+            return self.value(list(value))
         return value
 
     def error(self, err: BaseException) -> None:
@@ -121,3 +152,11 @@ class Scrubber:
                 setattr(err, attr, self.text(value))
         if isinstance(err, ValidationError):
             err.errors = self.value(err.errors)
+
+
+@functools.lru_cache(maxsize=64)
+def scrubber_for(secrets: tuple[str, ...]) -> Scrubber:
+    """The scrubber of a set of secrets, shared by the calls that have the same ones (the
+    same granted env values, the same secret argument): its forms and its memo of clean
+    strings are built once."""
+    return Scrubber(secrets)

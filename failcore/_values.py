@@ -9,7 +9,9 @@ the vocabulary and writes it). Decoding, step by step, each bounded:
    before reading it).
 2. Before parsing, :func:`failcore_worker._data_cost.decode_cost` bounds what the parse
    can hold; above ``DECODE_MULTIPLE`` x the frame limit the reply is refused unparsed
-   (:class:`ReplyTooLarge`). ``json.loads`` is linear in the text.
+   (:class:`ReplyTooLarge`). The C ``json`` scanner is linear in the text. (The warm
+   path's small reply, at most 4 KiB with no blob and no ``$``, skips this: it cannot
+   cost more than the smallest budget, and it holds no tags.)
 3. Tags become values through a fixed table of standard types (bytes, tuple, set, dict
    with any keys, datetime, Decimal, UUID, paths, IP addresses, ...). No class named by
    the worker is ever looked up, so no constructor of the worker's choosing runs here;
