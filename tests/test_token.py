@@ -123,3 +123,20 @@ def test_token_header_is_canonical_json() -> None:
     assert token.split(b"\n")[0] == protocol.canonical_json(header)
     assert header["call_id"] == 'c"1\\' and header["tool"] == "to\u00e9l"
     assert json.loads(token.split(b"\n")[1]) == Grants().to_wire()
+
+
+def test_every_reply_names_its_call_id(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The parent matches replies to the calls it sent: results and refusals alike carry
+    the call id their request's token names (read unverified for a refusal)."""
+    s, tool, worker = warm
+    args = {"path": str(tmp_path / "a.txt")}
+    token, mac = s._minter.mint("id-ok", "read", tool.parts, 5)
+    kind, body = _ask(worker, token, mac, args)
+    assert (kind, body["call_id"], body["value"]) == ("result", "id-ok", "A")
+    token, mac = s._minter.mint("id-bad-mac", "read", tool.parts, 5)
+    kind, body = _ask(worker, token, "0" * 64, args)
+    assert (kind, body["kind"], body["call_id"]) == ("error", "token", "id-bad-mac")
+    token, mac = s._minter.mint("id-raises", "read", tool.parts, 5)
+    kind, body = _ask(worker, token, mac, {"path": str(tmp_path / "missing.txt")})
+    assert (kind, body["kind"], body["call_id"]) == ("error", "tool", "id-raises")
+    assert "FileNotFoundError" in body["traceback"]  # tracebacks cross as text
