@@ -469,3 +469,25 @@ def test_decoding_time_is_linear_in_the_frame(item: str) -> None:
     """Eight times the bytes take about eight times the CPU (quadratic would be 64x)."""
     small, large = _timed_decode(item, 250_000), _timed_decode(item, 2_000_000)
     assert large < 24 * max(small, 1e-3), (small, large)
+
+
+def test_a_reply_that_cannot_be_encoded_still_goes_out_as_data(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever goes wrong while encoding, the worker answers (an error, as data) and lives."""
+    import socket
+
+    from failcore_worker import main
+
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("encoder bug")
+
+    monkeypatch.setattr(main, "encode_reply", broken)
+    state = main._State()
+    state.limits = {"output_bytes": 1024}
+    state.call_id = "c7"
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        main._send_reply(ours, state, "result", {"value": 1, "events": []})
+        kind, body = _values.decode_reply(protocol.recv_frame(theirs), protocol.reply_limit(1024))
+    assert (kind, body["kind"], body["call_id"]) == ("error", protocol.ERR_OUTPUT, "c7")
+    assert "RuntimeError" in body["message"]

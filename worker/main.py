@@ -356,7 +356,13 @@ def _refusal(body: dict[str, Any], kind: str, exc: BaseException | None, message
 
 def _send_reply(chan: socket.socket, state: _State, kind: str, body: dict[str, Any]) -> None:
     output_bytes = int(state.limits.get("output_bytes", protocol.MAX_CONTROL_FRAME))
-    chan.sendall(encode_reply(kind, body, output_bytes))
+    try:
+        frame = encode_reply(kind, body, output_bytes)
+    except BaseException as exc:  # noqa: BLE001 - the reply must still go out, as data
+        frame = protocol.encode_data("error", _error(
+            protocol.ERR_OUTPUT, None, f"the reply could not be encoded: {type(exc).__name__}",
+            call_id=state.call_id))
+    chan.sendall(frame)
 
 
 def _warm_up() -> None:
