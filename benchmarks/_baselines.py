@@ -26,6 +26,11 @@ def inc(x: int) -> int:
     return x + 1
 
 
+def inc_with_token(x: int, token: str) -> int:
+    """``inc`` with a secret argument: the call's records are scrubbed in every encoding."""
+    return x + 1
+
+
 def measure_direct(batches: int, per_batch: int) -> Row:
     """An in-process call of ``inc``: the floor, timed in batches (it is below clock cost)."""
     return latency_row("direct", "direct in-process call inc(1)", batch_ns(lambda: inc(1), batches, per_batch))

@@ -18,7 +18,7 @@ from typing import Literal
 
 import psutil
 
-from benchmarks._baselines import inc
+from benchmarks._baselines import inc, inc_with_token
 from benchmarks._timing import Row, latency_row, rate_row, sample_ns
 from failcore import Session, ToolMetadata
 
@@ -69,6 +69,24 @@ def measure_call(isolation: Isolation, traced: bool, n: int, warmup: int,
         size_row = Row(key=f"{key}_trace_bytes", label=f"trace bytes per call ({_label(isolation, traced)})",
                        value=(size_after - size_before) / n, unit="B", n=n)
     return row, size_row
+
+
+def measure_secret_call(n: int, warmup: int) -> Row:
+    """Latency of a warm traced call with a secret argument: what scrubbing every encoding
+    of a secret from the call's records costs (compare with the warm traced row)."""
+    with tempfile.TemporaryDirectory(prefix="failcore-bench-") as tmp:
+        with Session(trace=os.path.join(tmp, "trace.jsonl")) as s:
+            s.register("inc_secret", inc_with_token, ToolMetadata(isolation="tool",
+                                                                  secret=["token"]))
+
+            def call() -> None:
+                s.call("inc_secret", x=1, token="p@ss w0rd+=é")
+
+            for _ in range(warmup):
+                call()
+            samples = sample_ns(call, n, 0, 0.0)
+    return latency_row("warm_traced_secret", "FailCore warm (isolation=tool), JSONL trace, "
+                       "a secret argument (scrubbed in every encoding)", samples)
 
 
 def measure_throughput(isolation: Isolation, mode: str, calls: int, threads: int = 8,

@@ -65,7 +65,7 @@ def _each_us(fn: Callable[[], object], n: int, before: Callable[[], object] | No
 def stages(n: int) -> dict[str, float]:
     """Median µs of each parent-side step of ``session.call("inc", x=1)``, warm and traced."""
     from benchmarks._baselines import measure_pipe
-    from failcore import _wire
+    from failcore import _values
 
     pipe = measure_pipe(n, 200).value
     with _session("tool", traced=False) as (s0, _trace):
@@ -80,15 +80,17 @@ def stages(n: int) -> dict[str, float]:
         kwargs = {"x": 1}
         args = models.validate_input(kwargs)
         token, mac = minter.mint("c1", TOOL, tool.parts, tool.limits.timeout_s)
-        reply = protocol.encode("result", {"value": 2, "events": [], "retire": False})[protocol.HEADER.size:]
+        reply = protocol.encode_data("result", {"value": 2, "events": [], "retire": False,
+                                                "call_id": "c1"})[protocol.HEADER.size:]
         ids = itertools.count()
         lease = backend.lease(tool.spec)
         assert not lease.fresh, "the warm worker should be initialised by the calls above"
 
         def round_trip() -> None:  # mint + encode + send + worker turn + recv + decode
-            tok, m = minter.mint(f"r{next(ids)}", TOOL, tool.parts, 10.0)
+            cid = f"r{next(ids)}"
+            tok, m = minter.mint(cid, TOOL, tool.parts, 10.0)
             frame = protocol.encode("call", {"token": tok, "mac": m, "args": args})
-            backend.exchange(lease, frame)
+            backend.exchange(lease, cid, frame)
 
         try:
             exchange = _median_us(round_trip, n)
@@ -110,7 +112,8 @@ def stages(n: int) -> dict[str, float]:
             "TokenMinter.mint": _median_us(lambda: minter.mint("c1", TOOL, tool.parts, 10.0), n),
             "protocol.encode call": _median_us(lambda: protocol.encode(
                 "call", {"token": token, "mac": mac, "args": args}), n),
-            "_wire.decode result": _median_us(lambda: _wire.decode(reply), n),
+            "_values.decode_reply result": _median_us(lambda: _values.decode_reply(
+                reply, protocol.reply_limit(tool.limits.output_bytes)), n),
             "validate_output + output_to_json": _median_us(
                 lambda: models.output_to_json(models.validate_output(2)), n),
             "trace.record call.start": _median_us(lambda: trace.record(
@@ -170,7 +173,7 @@ def worker_stages(n: int) -> dict[str, float]:
                 guards.runtime_end()
                 copies = [dataclasses.replace(grants) for _ in range(n + n // 10 + 10)]
                 fresh = iter(copies)
-                reply = ("result", {"value": 2, "events": [], "retire": False})
+                reply = {"value": 2, "events": [], "retire": False, "call_id": "c1"}
 
                 def unaudited() -> None:
                     guards.runtime_begin()
@@ -204,7 +207,8 @@ def worker_stages(n: int) -> dict[str, float]:
                     "protocol.decode call frame": _median_us(lambda: protocol.decode(frame), n),
                     "guards.take_events": _median_us(guards.take_events, n),
                     "_cpu_used (getrusage)": _median_us(wmain._cpu_used, n),
-                    "protocol.encode reply": _median_us(lambda: protocol.encode(*reply), n),
+                    "encode_reply (value as data, JSON frame)": _median_us(
+                        lambda: wmain.encode_reply("result", dict(reply), 1 << 24), n),
                     "implicit_read entries (a count, not µs)": float(len(grants.implicit_read)),
                 }
                 os.write(wfd, json.dumps(out).encode())
@@ -268,7 +272,7 @@ def _lockdown_child(body: dict[str, Any], token: bytes, mac: str) -> dict[str, f
     t.run("_rehearse", lambda: wmain._rehearse(state))
     reply = t.run("first _run_call", lambda: wmain._run_call(
         state, {"token": token, "mac": mac, "args": {"x": 1}}))
-    t.run("first encode reply", lambda: protocol.encode(*reply))
+    t.run("first encode reply", lambda: wmain.encode_reply(reply[0], reply[1], 1 << 24))
     t.run("first _between_calls", lambda: wmain._between_calls(state))
     return t.times
 

@@ -131,6 +131,8 @@ def measure_all(sizes: Sizes, anchor: str | None, progress: Callable[[str], None
     c.run("pipe", "bare Pipe", lambda: _baselines.measure_pipe(sizes.pipe, w))
     c.run("warm", "warm, no trace", lambda: _failcore_bench.measure_call("tool", False, sizes.warm, w))
     c.run("warm_traced", "warm, traced", lambda: _failcore_bench.measure_call("tool", True, sizes.warm, w))
+    c.run("warm_traced_secret", "warm, traced, secret argument",
+          lambda: _failcore_bench.measure_secret_call(sizes.warm, w))
     c.run("ppe", "ProcessPoolExecutor", lambda: _baselines.measure_process_pool_executor(sizes.pools, w))
     c.run("mp_pool", "multiprocessing.Pool", lambda: _baselines.measure_mp_pool(sizes.pools, w))
     c.run("ppe_tput", "ProcessPoolExecutor(2) throughput",

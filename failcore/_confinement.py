@@ -31,8 +31,7 @@ Mode = Literal["auto", "require", "off"]
 MODES: tuple[str, ...] = ("auto", "require", "off")
 # The kernel layers "require" insists on, in report order.
 REQUIRED = ("landlock", "landlock_net", "landlock_scopes", "netns", "capabilities",
-            "no_new_privs")
-_BROKER_WIRED = False
+            "no_new_privs", "seccomp")
 
 
 def check_mode(mode: object) -> Mode:
@@ -41,20 +40,12 @@ def check_mode(mode: object) -> Mode:
     return mode  # type: ignore[return-value]
 
 
-def network_mode(metadata: ToolMetadata, grants: Grants) -> Literal["none", "host"]:
-    """Where a tool's workers run: ``"host"`` (the host's network, a second zygote) or
-    ``"none"`` (the empty network namespace).
-
-    ``ToolMetadata(network="host")`` asks for the host's network. Until the parent's
-    socket broker is wired into the exchange loop (``_BROKER_WIRED``), a worker in the
-    empty namespace could not reach anything at all, so a tool that may connect also runs
-    on the host's network, with Landlock limiting its TCP connects to the granted ports.
-    """
-    if metadata.network == "host":
-        return "host"
-    if not _BROKER_WIRED and (grants.net or grants.default != "block"):
-        return "host"
-    return "none"
+def network_mode(metadata: ToolMetadata) -> Literal["none", "host"]:
+    """Where a tool's workers run: ``"none"`` (the empty network namespace; TCP and DNS
+    through the parent's socket broker) unless ``ToolMetadata(network="host")`` asks for
+    the host's network (a second zygote; Landlock limits TCP connects to the granted
+    ports; for clients that connect from C)."""
+    return "host" if metadata.network == "host" else "none"
 
 
 @dataclass(frozen=True)
@@ -198,9 +189,10 @@ def _err(code: Any) -> str:
 
 # The errno each probe must get for its layer to count as in force: any other failure
 # (ENOENT: /bin/true missing, ...) proves nothing.
-_EXPECTED = {"connect_before": (errno.ENETUNREACH, errno.EACCES, errno.EPERM),
+_EXPECTED = {"connect_before": (errno.ENETUNREACH, errno.ECONNREFUSED, errno.EACCES, errno.EPERM),
              "open": (errno.EACCES, errno.EPERM), "exec": (errno.EACCES, errno.EPERM),
-             "connect": (errno.EACCES,), "signal": (errno.EPERM,), "abstract": (errno.EPERM,)}
+             "connect": (errno.EACCES,), "signal": (errno.EPERM,), "abstract": (errno.EPERM,),
+             "listen": (errno.EPERM,), "udp": (errno.EPERM,)}
 
 
 def _refused(test: dict[str, Any], probe: str) -> bool:
@@ -216,8 +208,7 @@ def _uid_layer(privilege: PrivilegePlan | None) -> LayerStatus:
     return LayerStatus("uid_drop", False, f"{reason} (with no capabilities: see 'capabilities')")
 
 
-_SECCOMP = LayerStatus("seccomp", False, "not used: Landlock, the empty network namespace and "
-                                         "dropped capabilities are the kernel layers")
+_SECCOMP = LayerStatus("seccomp", False, "not installed (confinement off)")
 
 
 def off(reason: str, privilege: PrivilegePlan | None) -> Confinement:
@@ -277,7 +268,15 @@ def judge(mode: str, report: dict[str, Any], arrived: tuple[int, int],
                                  _refused(test, "signal") and _refused(test, "abstract"),
                                  f"signal to the zygote {_err(sig)}, abstract unix socket "
                                  f"connect {_err(uds)}")
+    sc = report.get("seccomp") or {"in_force": False, "reason": "not installed: the "
+                                   "zygote has no network namespace of its own"}
+    tested = test.get("seccomp") or {"in_force": False, "reason": "not tested"}
+    seccomp = LayerStatus("seccomp", bool(sc["in_force"]) and bool(tested["in_force"])
+                          and _refused(test, "listen")
+                          and _refused(test, "udp"),
+                          f"{sc['reason']}; listen(2) {_err(test.get('listen'))}, a UDP socket "
+                          f"{_err(test.get('udp'))}")
     if mode == "off":
         return off("off: Session(confinement='off')", privilege)
     return Confinement(mode, (landlock, net, scopes, netns, capabilities, nnp, userns,
-                              _uid_layer(privilege), _SECCOMP), abi, rights)
+                              _uid_layer(privilege), seccomp), abi, rights)

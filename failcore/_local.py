@@ -18,22 +18,25 @@ a child or a descriptor behind (``_workers.leftovers``) is retired, not reused.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 from failcore import _confinement
-from failcore._backend import Lease, Outcome, ToolSpec, interpret
+from failcore._backend import Lease, Outcome, ToolSpec, blocked_call, read_reply
+from failcore._broker import Broker, send_answer
 from failcore._confinement import Confinement, ToolConfinement
 from failcore._errors import (
     CallCancelled,
     FailCoreError,
-    OutputValidationError,
     ResourceLimitExceeded,
     SecurityError,
     ToolTimeout,
@@ -294,16 +297,25 @@ class LocalBackend:
         return frame
 
     # ------------------------------------------------------------------ exchange
-    def exchange(self, lease: Lease, call_frame: bytes) -> Outcome:
-        """Send the call (after ``init`` on a worker's first use) and wait for one reply."""
+    def exchange(self, lease: Lease, call_id: str, call_frame: bytes) -> Outcome:
+        """Send the call (after ``init`` on a worker's first use), answer the worker's
+        socket-broker requests while the call runs, and read its one reply."""
         worker: Worker = lease.handle
         tool, limits = lease.spec.name, lease.spec.limits
         timeout_s, output_bytes = limits["timeout_s"], limits["output_bytes"]
         frame = call_frame
         if worker.pending_init is not None:
             frame, worker.pending_init = worker.pending_init + call_frame, None
+        elif _unsolicited(worker):
+            # Bytes nobody asked for (a tool thread writing to the channel after its call
+            # ended): the worker cannot be trusted to answer this call. Nothing ran.
+            worker.kill("unsolicited bytes on its channel")
+            return Outcome(status="undelivered", reuse=False, error=WorkerCrashed(
+                f"{tool}: the worker wrote to its channel between calls; it was retired"))
         deadline = time.monotonic() + timeout_s
         worker.busy_since = time.monotonic()
+        broker: Broker | None = None
+        observed: list[dict[str, Any]] = []
         try:
             worker.chan.settimeout(timeout_s)
             try:
@@ -315,30 +327,51 @@ class LocalBackend:
                 self._pool_for(lease.spec).replace_dead_zygote()
                 return Outcome(status="undelivered", reuse=False, error=WorkerCrashed(
                     f"{tool}: the worker was gone before the request reached it"))
-            payload = protocol.recv_frame(worker.chan, output_bytes + _ENVELOPE_BYTES)
+            while True:
+                worker.chan.settimeout(max(deadline - time.monotonic(), 0.001))
+                payload = protocol.recv_frame(worker.chan, protocol.reply_limit(output_bytes))
+                if payload[:len(_BROKER_PREFIX)] != _BROKER_PREFIX:
+                    break
+                # The socket broker: the worker's only way onto the network (issue 16).
+                if broker is None:
+                    broker = Broker(lease.spec.grants, deadline=deadline, book=worker.names)
+                answer = broker.handle_frame(payload)
+                observed.extend(dict(e) for e in answer.events)
+                send_answer(worker.chan, answer)
+                if answer.violation is not None:
+                    worker.kill(f"broker protocol violation: {answer.violation}")
+                    return Outcome(status="crashed", reuse=False, events=observed,
+                                   error=WorkerCrashed(f"{tool}: the worker broke the broker "
+                                                       f"protocol ({answer.violation})"))
         except TimeoutError:
             worker.kill("timeout")
-            return Outcome(status="timeout", reuse=False, error=ToolTimeout(
+            return Outcome(status="timeout", reuse=False, events=observed, error=ToolTimeout(
                 f"{tool}: no answer within timeout_s={timeout_s:g}; the worker's process tree "
                 "was killed. Raise Limits(timeout_s=...) at registration if the tool needs longer."))
         except protocol.FrameTooLarge as exc:
             worker.kill("output")
-            return Outcome(status="resource", reuse=False, error=ResourceLimitExceeded(
+            return Outcome(status="resource", reuse=False, events=observed,
+                           error=ResourceLimitExceeded(
                 f"{tool}: result of {exc.size} bytes exceeds output_bytes={output_bytes} (not "
                 "read); return less or raise Limits(output_bytes=...)"))
         except (protocol.PeerClosed, ConnectionError, OSError):
-            return self._lost(worker, tool, deadline, self._pool_for(lease.spec))
+            lost = self._lost(worker, tool, deadline, self._pool_for(lease.spec))
+            lost.events = observed
+            return lost
         finally:
             worker.busy_since = None
-        size = len(payload) + protocol.HEADER.size
-        try:
-            kind, body = decode_reply(payload)
-        except ReplyUnreadable as exc:
-            worker.kill("unreadable reply")
-            return Outcome(status="invalid_output", reuse=False, recv_bytes=size,
-                           error=OutputValidationError(f"{tool}: the result could not be read "
-                                                       f"back: {exc}"))
-        outcome = interpret(tool, kind, body, Outcome(recv_bytes=size))
+        outcome = read_reply(tool, call_id, payload, output_bytes, worker.kill, observed)
+        if outcome.error is None and any(e.get("action") == "block" for e in observed):
+            # A refused connect fails the call even when the tool swallowed the error
+            # (urllib turns it into URLError): the attempt is what matters.
+            blocked_call(tool, outcome, observed)
+        if _unsolicited(worker):
+            # More bytes after the one reply: a second (forged or stale) reply.
+            worker.kill("a second reply on its channel")
+            return Outcome(status="crashed", reuse=False, events=outcome.events,
+                           recv_kind=outcome.recv_kind, recv_bytes=outcome.recv_bytes,
+                           error=WorkerCrashed(f"{tool}: the worker sent more than one reply; "
+                                               "it was retired and the call's result discarded"))
         if outcome.reuse and lease.spec.isolation == "tool":
             # Warm workers carry nothing across calls: a thread, child or descriptor the
             # call left behind retires the worker, its tree killed now (the Session
@@ -389,17 +422,18 @@ class LocalBackend:
             f"{tool}: the worker exited (code {code}) before answering"))
 
 
-class ReplyUnreadable(ValueError):
-    """A worker's reply that does not decode to ``(kind, body)``."""
+_BROKER_PREFIX = b'["broker.'
 
 
-def decode_reply(payload: bytes | bytearray) -> tuple[str, dict[str, object]]:
-    from failcore import _wire
-
+def _unsolicited(worker: Worker) -> bool:
+    """Whether the worker's channel holds bytes the parent did not ask for (a poll, then a
+    peek: the channel's own timeout would make a plain recv wait)."""
     try:
-        return _wire.decode(payload)
-    except Exception as exc:  # noqa: BLE001 - hostile bytes may raise anything
-        raise ReplyUnreadable(str(exc)) from None
+        if not select.select([worker.chan], [], [], 0)[0]:
+            return False
+        return bool(worker.chan.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False  # a dead channel: the exchange finds out
 
 
 def implicit_reads() -> list[str]:

@@ -51,9 +51,11 @@ class Limits:
     space (RLIMIT_AS) and the watchdog's RSS bound. ``cpu_s``: CPU seconds (RLIMIT_CPU,
     default: a little above the timeout). ``file_size_mb``: largest file the tool may
     write (RLIMIT_FSIZE). ``open_files``: RLIMIT_NOFILE. ``output_bytes``: largest
-    pickled result the parent will read. ``processes``: most descendants the worker may
-    have at once (RLIMIT_NPROC for a non-root worker; the watchdog kills the tree above
-    it either way, since root ignores RLIMIT_NPROC).
+    result as encoded for the trip back (its JSON text plus raw bytes; the parent reads
+    at most this plus a 256 KiB envelope, and decodes at most 16x that).
+    ``processes``: most descendants the worker may have at once (RLIMIT_NPROC for a
+    non-root worker; the watchdog kills the tree above it either way, since root
+    ignores RLIMIT_NPROC).
     """
 
     timeout_s: float = 30.0

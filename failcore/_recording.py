@@ -9,6 +9,8 @@ import contextvars
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from failcore._scrub import scrubber_for
+
 # Observers see (kind, call_id, body) of every record, after secrets are scrubbed.
 Observer = Callable[[str, "str | None", dict[str, Any]], None]
 
@@ -50,48 +52,58 @@ class NoTrace:
         return None
 
 
-def scrub(value: Any, hidden: Sequence[str], masks: Mapping[str, str] | None = None) -> Any:
-    """``value`` with every ``hidden`` string replaced by ``<secret>`` and every key of
-    ``masks`` (values the scanner found) by its marker, wherever they occur; an integer
-    whose digits were found (a card number) becomes its marker.
-
-    The trace's scrubber, and the integrations' too: an error's text shown to an agent
-    (an MCP tool result, a framework's tool error) hides what the trace hides.
-    """
-    masks = masks or {}
+def mask(value: Any, masks: Mapping[str, str]) -> Any:
+    """``value`` with every key of ``masks`` (values the scanner found) replaced by its
+    marker, wherever it occurs; an integer whose digits were found (a card number) becomes
+    its marker. Structure is kept."""
     if isinstance(value, str):
-        for secret in hidden:
-            if secret in value:
-                value = value.replace(secret, "<secret>")
         for found, mark in masks.items():
             if found in value:
                 value = value.replace(found, mark)
         return value
     if isinstance(value, dict):
-        return {scrub(k, hidden, masks): scrub(v, hidden, masks) for k, v in value.items()}
+        return {mask(k, masks): mask(v, masks) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [scrub(v, hidden, masks) for v in value]
-    if masks and isinstance(value, int) and not isinstance(value, bool):
+        return [mask(v, masks) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
         return masks.get(str(abs(value)), value)
     return value
 
 
+def scrub(value: Any, hidden: Sequence[str], masks: Mapping[str, str] | None = None) -> Any:
+    """``value`` with every ``hidden`` secret replaced by ``<secret>`` in every common
+    encoding (``failcore._scrub``) and every scanner finding in ``masks`` by its marker.
+
+    The trace's scrubber, and the integrations' too: an error's text shown to an agent
+    (an MCP tool result, a framework's tool error) hides what the trace hides.
+    """
+    if hidden:
+        value = scrubber_for(tuple(hidden)).value(value)
+    return mask(value, masks) if masks else value
+
+
 class ScrubbingTrace:
-    """Writes through to the trace with every secret value replaced by ``<secret>`` and
-    every scanner finding by ``<redacted:KIND>``, wherever it appears: arguments, error
-    messages, guard events, pre-check findings, results."""
+    """Writes through to the trace with every secret replaced by ``<secret>`` in every common
+    encoding (``failcore._scrub``) and every scanner finding by ``<redacted:KIND>``, wherever
+    it appears: arguments, error messages, guard events, pre-check findings, results.
+    ``scrubber`` also cleans the errors the call raises."""
 
     def __init__(self, trace: Any, hidden: list[str], masks: Mapping[str, str] | None = None) -> None:
         self._trace = trace
-        self._hidden = hidden
+        self.scrubber = scrubber_for(tuple(hidden))
         # Longest first, so a value containing another is masked whole.
         self._masks = dict(sorted((masks or {}).items(), key=lambda kv: -len(kv[0])))
 
     def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
                plain: bool = False) -> Any:
-        from failcore._validation import to_jsonable
+        if not plain:  # plain: the caller's promise that the body is JSON-native already
+            from failcore._validation import to_jsonable
 
-        return self._trace.record(kind, call_id, scrub(to_jsonable(body), self._hidden, self._masks))
+            body = to_jsonable(body)
+        body = self.scrubber.value(body)
+        if self._masks:
+            body = mask(body, self._masks)
+        return self._trace.record(kind, call_id, body, plain=plain)
 
 
 class ObservedTrace:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 MAX_DEPTH = 64
@@ -80,21 +80,32 @@ class Collector:
             # Leaves are read in order, containers pushed so they pop in order too; a dict
             # key is read just before its value (a keyword there names the value).
             pending = []
-            children: list[tuple[tuple[str, Any], Any]] = []
+            children: Iterable[tuple[tuple[str, Any], Any]] = ()
             if isinstance(item, Mapping):
                 for key, child in item.items():
                     if type(key) is str and len(key) >= 6:
                         self._leaf(self._node(node, ("key", key)), key, "str")
                     self._child(pending, node, ("item", key), child, depth + 1)
+                    if len(self.parents) > MAX_NODES:
+                        break
             elif isinstance(item, list | tuple):
-                children = [(("index", i), child) for i, child in enumerate(item)]
+                children = ((("index", i), child) for i, child in enumerate(item))
             elif isinstance(item, set | frozenset):
-                children = [(("member", (i, child)), child)
-                            for i, child in enumerate(sorted(item, key=repr))]
+                if len(item) > MAX_NODES:  # sorting it would cost more than the bound allows
+                    self.stopped_at = node
+                    break
+                children = ((("member", (i, child)), child)
+                            for i, child in enumerate(sorted(item, key=repr)))
             else:
-                children = [(("attr", name), child) for name, child in _attributes(item)]
+                children = ((("attr", name), child) for name, child in _attributes(item))
+            # Lazily, and never past the node bound: a list of a million numbers must not
+            # become a million path entries here.
             for step, child in children:
+                if len(self.parents) > MAX_NODES:
+                    break
                 self._child(pending, node, step, child, depth + 1)
+            if len(self.parents) > MAX_NODES:
+                self.stopped_at = node
             stack.extend(reversed(pending))
 
     def _child(self, stack: list[tuple[Any, int, int]], parent: int, step: tuple[str, Any],

@@ -247,7 +247,7 @@ class Session:
         except Exception as exc:
             raise RegistrationError(f"{name}: the tool cannot be serialised for a worker: {exc}") from exc
         env_names = tuple(str(c).split(":", 1)[1] for c in granted if str(c).startswith("env:"))
-        network = _confinement.network_mode(metadata, grants)
+        network = _confinement.network_mode(metadata)
         spec = ToolSpec(name=name, isolation=metadata.effective_isolation, grants=grants,
                         grants_bytes=parts.grants_bytes, limits=metadata.limits.to_wire(),
                         blob=blob, env_names=env_names, network=network)
@@ -380,13 +380,25 @@ class Session:
 
     def _run(self, tool: Tool, call_id: str, kwargs: dict[str, Any]) -> Any:
         started = time.monotonic()
-        models = tool.models
         hidden = secret_values(tool, kwargs)
-        guardrails = self._guardrails
         # Guardrail: scan the outgoing arguments before anything is recorded.
-        arg_scan = guardrails.scan_arguments(tool.name, kwargs)
+        arg_scan = self._guardrails.scan_arguments(tool.name, kwargs)
         masks = arg_scan.masks if arg_scan is not None else {}
-        trace = ScrubbingTrace(self._trace, hidden, masks) if hidden or masks else self._trace
+        if not hidden and not masks:
+            return self._run_traced(tool, call_id, kwargs, self._trace, started, arg_scan, hidden,
+                                    masks)
+        trace = ScrubbingTrace(self._trace, hidden, masks)
+        try:
+            return self._run_traced(tool, call_id, kwargs, trace, started, arg_scan, hidden, masks)
+        except FailCoreError as err:  # what the caller sees is scrubbed like the trace
+            trace.scrubber.error(err)
+            raise
+
+    def _run_traced(self, tool: Tool, call_id: str, kwargs: dict[str, Any], trace: Any,
+                    started: float, arg_scan: Any, hidden: list[str],
+                    masks: dict[str, str]) -> Any:
+        models = tool.models
+        guardrails = self._guardrails
         trace.record("call.start", call_id, _start_body(tool.name, models.redact(kwargs)),
                      plain=True)
         if arg_scan is not None:
@@ -524,7 +536,7 @@ class Session:
                     "type": "init", "worker": worker.name, "bytes": lease.init_bytes}, plain=True)
             self._trace.record("ipc.send", call_id, {"type": "call", "bytes": len(call_frame),
                                                      "worker": worker.name}, plain=True)
-            outcome = backend.exchange(lease, call_frame)
+            outcome = backend.exchange(lease, call_id, call_frame)
             reuse = outcome.reuse
             if outcome.recv_kind is not None:
                 self._trace.record("ipc.recv", call_id, {"type": outcome.recv_kind,

@@ -54,6 +54,9 @@ from failcore._trace_encoding import clean_str
 __all__ = ["FORMATS", "REDACTED", "Secret", "ToolModels", "build_models", "tighten", "tool_schemas"]
 
 REDACTED = "<secret>"
+# Errors a strict model raises for a dict or a value where it wants an instance.
+_INSTANCE_ONLY = frozenset({"dataclass_exact_type", "is_instance_of", "model_type",
+                            "enum", "named_tuple_type"})
 _DERIVED_CONFIG = ConfigDict(extra="forbid", protected_namespaces=(), defer_build=False)
 # Results are recorded as JSON and rebuilt on replay: bytes must survive that (base64).
 _RESULT_CONFIG = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
@@ -135,9 +138,11 @@ class ToolModels:
     def validate_output(self, value: Any) -> Any:
         """Validate a tool's return value; return it as its annotation says.
 
-        A tool annotated ``-> Model`` (or registered with ``output_model=Model``) gets a
-        ``Model`` instance back even when it returned a dict. Without an output model the
-        value passes through unchanged. Raises :class:`OutputValidationError` naming the
+        ``value`` is what crossed the process boundary: data (``failcore._values``), in
+        which a dataclass or model is a dict, a named tuple a tuple and an enum its value.
+        This is where the *declared* type is rebuilt: a tool annotated ``-> Model`` (or
+        registered with ``output_model=Model``) gets a ``Model`` instance back. Without an
+        output model the data passes through unchanged. Raises :class:`OutputValidationError` naming the
         tool, the expected and the actual type (never the value: outputs may be sensitive).
         """
         if self._out_adapter is None:
@@ -159,6 +164,10 @@ class ToolModels:
             f"{self.name} returned {type(value).__qualname__}, expected "
             f"{self._out_expected}: {'; '.join(parts)}. Fix the tool or its return annotation"
         )
+        if any(e["type"] in _INSTANCE_ONLY for e in errors):
+            message += (". Results cross the process boundary as data, so a model with "
+                        "strict=True receives its dataclass and enum fields as dicts and "
+                        "values: make those fields lax (Field(strict=False)) or the model")
         return OutputValidationError(message, errors=errors)
 
     def redact(self, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -24,6 +24,7 @@ import psutil
 from failcore._errors import WorkerCrashed
 from failcore._zygote import Zygote
 from failcore_worker import _tree
+from failcore_worker._guard_names import NameBook
 
 if TYPE_CHECKING:
     from failcore._backend import ToolSpec
@@ -54,6 +55,9 @@ class Worker:
     init_bytes: int = 0
     pending_init: bytes | None = None
     proc: psutil.Process | None = None
+    # Names the parent itself resolved for this worker's tool (the socket broker's book:
+    # a connect is judged by the names that led to its address, never by the worker's word).
+    names: NameBook = field(default_factory=NameBook)
     chan_fd: int = -1  # the channel's number inside the worker (reported by the zygote)
 
     def kill(self, reason: str, detail: str = "") -> None:

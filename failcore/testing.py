@@ -27,9 +27,10 @@ from typing import Any
 import cloudpickle
 
 from failcore import _confinement
-from failcore._backend import Lease, Outcome, ToolSpec, interpret
+from failcore._backend import Lease, Outcome, ToolSpec, read_reply
 from failcore._confinement import ToolConfinement
 from failcore_worker import protocol
+from failcore_worker.main import encode_reply
 from failcore_worker.rules import Grants, GuardEvent
 
 __all__ = ["FakeBackend", "FakeCall", "FakeReply"]
@@ -103,13 +104,13 @@ class FakeBackend:
                 self._warm[spec.name] = worker
             return Lease(spec, worker, fresh=True)
 
-    def exchange(self, lease: Lease, call_frame: bytes) -> Outcome:
+    def exchange(self, lease: Lease, call_id: str, call_frame: bytes) -> Outcome:
         kind, body = pickle.loads(call_frame[protocol.HEADER.size:])  # the trusted direction
         token, mac = body["token"], body["mac"]
         if kind != "call" or not protocol.verify(self._key, token, mac):
-            return interpret(lease.spec.name, "error", {
-                "kind": protocol.ERR_TOKEN, "message": "capability token does not verify"},
-                Outcome())
+            return self._reply(lease, call_id, "error", {
+                "kind": protocol.ERR_TOKEN, "type": "token", "message":
+                "capability token does not verify", "traceback": "", "events": []})
         header, grants_bytes, _limits = protocol.split_token(token)
         call = FakeCall(tool=lease.spec.name, call_id=str(header["call_id"]),
                         args=dict(body["args"]),
@@ -119,17 +120,28 @@ class FakeBackend:
         try:
             value = self._handler(call)
         except Exception as exc:  # noqa: BLE001 - the tool's exception, as a worker reports it
-            return interpret(call.tool, "error", {
+            return self._reply(lease, call_id, "error", {
                 "kind": protocol.ERR_TOOL, "type": type(exc).__name__, "message": str(exc),
-                "traceback": ""}, Outcome())
+                "traceback": "", "events": []})
         if isinstance(value, FakeReply):
-            reply: dict[str, Any] = {"events": [dict(e) for e in value.events]}
+            events = [dict(e) for e in value.events]
             if value.error is None:
-                return interpret(call.tool, "result", {**reply, "value": value.value}, Outcome())
-            return interpret(call.tool, "error", {
-                **reply, "kind": value.error, "type": value.type or value.error,
-                "message": value.message}, Outcome())
-        return interpret(call.tool, "result", {"value": value, "events": []}, Outcome())
+                return self._reply(lease, call_id, "result", {
+                    "value": value.value, "events": events, "retire": False})
+            return self._reply(lease, call_id, "error", {
+                "kind": value.error, "type": value.type or value.error, "message": value.message,
+                "traceback": "", "events": events})
+        return self._reply(lease, call_id, "result", {"value": value, "events": [], "retire": False})
+
+    @staticmethod
+    def _reply(lease: Lease, call_id: str, kind: str, body: dict[str, Any]) -> Outcome:
+        """The reply as a worker would send it (its value encoded as data, within the
+        limits) and as the parent reads it: the same code both ways."""
+        body["call_id"] = call_id
+        output_bytes = lease.spec.limits["output_bytes"]
+        frame = encode_reply(kind, body, output_bytes)
+        return read_reply(lease.spec.name, call_id, frame[protocol.HEADER.size:], output_bytes,
+                          lambda reason: setattr(lease.worker, "kill_reason", reason))
 
     def release(self, lease: Lease, reuse: bool) -> None:
         if not reuse:

@@ -124,3 +124,10 @@ def no_leftover_processes() -> Iterator[None]:
             except psutil.Error:
                 pass
         pytest.fail(f"processes outlived the test: {details}")
+
+
+def idle_worker_pids(session: object, tool: str) -> list[int]:
+    """Pids of ``tool``'s idle warm workers in a session on the local backend."""
+    warm = session._backend._warm_of(tool)  # type: ignore[attr-defined]
+    with warm.cond:
+        return [w.pid for w in warm.free]

@@ -46,6 +46,12 @@ def test_call_latency_and_trace_size(isolation: _failcore_bench.Isolation) -> No
     assert row.key.endswith("_sparse")
 
 
+def test_secret_call_latency() -> None:
+    row = _failcore_bench.measure_secret_call(3, 1)
+    _ok(row, "µs")
+    assert row.key == "warm_traced_secret"
+
+
 @pytest.mark.parametrize("isolation", ["tool", "call"])
 @pytest.mark.parametrize("mode", ["threads", "asyncio"])
 def test_throughput(isolation: _failcore_bench.Isolation, mode: str) -> None:

@@ -39,11 +39,14 @@ def good_report(**selftest: Any) -> dict[str, Any]:
                      "plan": {"fs": ["execute", "read_file"]}},
         "open": errno.EACCES, "connect": errno.EACCES, "signal": errno.EPERM,
         "abstract": errno.EPERM, "exec": errno.EACCES, "done": True,
+        "seccomp": {"in_force": True, "reason": "seccomp filter"},
+        "listen": errno.EPERM, "udp": errno.EPERM,
     }
     test.update(selftest)
     return {"netns": {"in_force": True, "reason": "empty network namespace"},
             "userns": {"in_force": False, "reason": "not needed"},
             "bounding": {"in_force": True, "reason": "bounding set empty"},
+            "seccomp": {"in_force": True, "reason": "seccomp filter"},
             "landlock_abi": 7, "selftest": test}
 
 
@@ -63,6 +66,7 @@ def test_every_probe_refused_means_every_layer_in_force() -> None:
 @pytest.mark.parametrize(("probe", "layer"), [
     ("open", "landlock"), ("exec", "landlock"), ("connect", "landlock_net"),
     ("signal", "landlock_scopes"), ("abstract", "landlock_scopes"), ("connect_before", "netns"),
+    ("listen", "seccomp"), ("udp", "seccomp"),
 ])
 def test_a_probe_that_got_through_takes_its_layer_out(probe: str, layer: str) -> None:
     report = judged(good_report(**{probe: 0}))
@@ -133,7 +137,7 @@ def test_session_reports_and_traces_what_is_in_force(tmp_path: Path) -> None:
     assert text.startswith("confinement='auto': every kernel layer in force")
     for name in LAYERS:
         assert f"  {name} " in text
-    assert report.layer("seccomp").reason.startswith("not used")
+    assert report.layer("seccomp").in_force and "listen(2) failed with EPERM" in report.layer("seccomp").reason
     start = read_trace(trace)[0]
     assert start["kind"] == "session.start"
     assert start["body"]["confinement"] == report.to_wire()

@@ -25,18 +25,18 @@ from typing import Any
 
 import pytest
 
-from failcore import SecurityError, Session, SideEffect, ToolMetadata
+from failcore import SecurityError, Session, SideEffect, ToolFailed, ToolMetadata
 from failcore._trace import read_trace
 
 _EFFECTS = {"net": SideEffect.NETWORK, "fs": SideEffect.FILESYSTEM,
             "proc": SideEffect.PROCESS, "env": SideEffect.ENVIRONMENT}
 
 
-def meta(*caps: str, isolation: str = "tool") -> ToolMetadata:
+def meta(*caps: str, isolation: str = "tool", network: str = "none") -> ToolMetadata:
     """Metadata declaring exactly the side effects ``caps`` need (default_policy=BLOCK)."""
     effects = sorted({_EFFECTS[c.split(":", 1)[0]] for c in caps}, key=lambda e: e.value)
     return ToolMetadata(side_effect=effects or SideEffect.NONE, capabilities=list(caps),
-                        isolation=isolation)  # type: ignore[arg-type]
+                        isolation=isolation, network=network)  # type: ignore[arg-type]
 
 
 def parts(path: str | Path) -> list[str]:
@@ -538,9 +538,18 @@ def test_granted_operations_work(session: Session, trace_path: Path, port: int,
     assert session.call("exec") == 0
     for name, fn in NET_ESCAPES:
         tool = "net_" + name.replace(" ", "_").replace(".", "_")
-        session.register(tool, fn, meta(f"net:connect:127.0.0.1:{port}"))
+        # A raw _socket object is below the socket broker: in a confined worker even a
+        # granted connect from it gets the kernel's refusal; on the host's network
+        # (network="host", for clients that connect from C) it works, judged by the guards.
+        network = "host" if name == "raw _socket" else "none"
+        session.register(tool, fn, meta(f"net:connect:127.0.0.1:{port}", network=network))
         assert session.call(tool, port=port) == "connected", name
-    ends = [r["body"] for r in read_trace(trace_path) if r["kind"] == "call.end"]
+    session.register("raw_confined", raw_socket_connect, meta(f"net:connect:127.0.0.1:{port}"))
+    with pytest.raises(ToolFailed) as refused:
+        session.call("raw_confined", port=port)
+    assert refused.value.remote_type == "PermissionError"  # EACCES: Landlock's TCP rule
+    ends = [r["body"] for r in read_trace(trace_path) if r["kind"] == "call.end"
+            and r["body"]["tool"] != "raw_confined"]
     assert all(e["status"] == "ok" for e in ends), ends
     allowed = [r["body"] for r in read_trace(trace_path)
                if r["kind"] == "guard" and r["body"]["op"] == "net.connect"]
@@ -590,8 +599,14 @@ def test_other_socket_routes(session: Session, trace_path: Path, port: int,
                              tree: dict[str, Path]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
+        # Confined: the kernel refuses the UDP socket itself (the seccomp filter).
         session.register("udp", udp_sendto, meta())
-        assert_blocked(session, trace_path, "udp", "net.connect", port=udp.getsockname()[1])
+        with pytest.raises(ToolFailed) as refused:
+            session.call("udp", port=udp.getsockname()[1])
+        assert refused.value.remote_type == "PermissionError"
+        # On the host's network: the guard refuses the sendto.
+        session.register("udp_host", udp_sendto, meta("net:connect:127.0.0.1:1", network="host"))
+        assert_blocked(session, trace_path, "udp_host", "net.connect", port=udp.getsockname()[1])
         udp.settimeout(0.2)
         with pytest.raises(TimeoutError):
             udp.recv(16)  # nothing was sent

@@ -295,8 +295,9 @@ def test_200mb_result_over_a_small_limit_keeps_parent_rss_flat() -> None:
 def test_200mb_result_within_the_limit_is_returned_whole() -> None:
     """With output_bytes above the result, 200 MB comes back intact (not an error).
 
-    The parent holds the frame and the unpickled value at once: peak RSS is about twice
-    the result; RELIABILITY.md records the figure. Bounded here at 3x to catch extra copies.
+    The parent holds the frame and the decoded value at once (the bytes cross raw, after
+    the reply's JSON): peak RSS is about twice the result; RELIABILITY.md records the
+    figure. Bounded here at 3x to catch extra copies.
     """
     with Session() as s:
         s.register("big", big_bytes, ToolMetadata(limits=Limits(output_bytes=256 * MB,
@@ -310,10 +311,10 @@ def test_200mb_result_within_the_limit_is_returned_whole() -> None:
         assert s.call("big", mb=0) == b""
 
 
-# --- results that cannot travel -----------------------------------------------------------
+# --- results that are not data -----------------------------------------------------------
 
 
-def unpicklable(kind: str) -> object:
+def not_data(kind: str) -> object:
     import threading
 
     if kind == "lock":
@@ -335,14 +336,14 @@ def unpicklable(kind: str) -> object:
 
 
 @pytest.mark.parametrize("kind", ["lock", "generator", "reduce_raises", "deep"])
-def test_unpicklable_result_is_output_error_and_worker_stays_usable(run: TracedSession,
-                                                                   kind: str) -> None:
+def test_result_that_is_not_data_is_output_error_and_worker_stays_usable(run: TracedSession,
+                                                                         kind: str) -> None:
     s = run.session
-    s.register("unpicklable", unpicklable, ToolMetadata(isolation="tool"))
-    with pytest.raises(OutputValidationError, match="could not be serialised"):
-        s.call("unpicklable", kind=kind)
+    s.register("not_data", not_data, ToolMetadata(isolation="tool"))
+    with pytest.raises(OutputValidationError, match="cannot cross the process boundary"):
+        s.call("not_data", kind=kind)
     assert call_end(run.path)["status"] == "invalid_output"
-    assert s.call("unpicklable", kind="fine") == "fine"
+    assert s.call("not_data", kind="fine") == "fine"
     run.finish()
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from failcore import Session, SideEffect, ToolMetadata, _wire
+from failcore import Session, SideEffect, ToolMetadata, _values
 from failcore._token import ToolGrants
 from failcore_worker import protocol
 from failcore_worker.rules import FsRule, NetRule
@@ -39,7 +39,7 @@ def warm(tmp_path) -> Iterator[tuple[Session, Any, Any]]:  # type: ignore[no-unt
 
 def _ask(worker: Any, token: bytes, mac: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     worker.chan.sendall(protocol.encode("call", {"token": token, "mac": mac, "args": args}))
-    return _wire.decode(protocol.recv_frame(worker.chan))
+    return _values.decode_reply(protocol.recv_frame(worker.chan), protocol.reply_limit(1 << 20))
 
 
 def test_bad_mac_is_refused(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -139,3 +139,20 @@ def test_limits_other_than_the_lock_down_are_refused_even_when_signed(warm, tmp_
     token, mac = s._minter.mint("x10", "read", parts, 5)
     kind, body = _ask(worker, token, mac, {"path": str(tmp_path / "a.txt")})
     assert body["kind"] == "token" and "limits differ" in body["message"]
+
+
+def test_every_reply_names_its_call_id(warm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The parent matches replies to the calls it sent: results and refusals alike carry
+    the call id their request's token names (read unverified for a refusal)."""
+    s, tool, worker = warm
+    args = {"path": str(tmp_path / "a.txt")}
+    token, mac = s._minter.mint("id-ok", "read", tool.parts, 5)
+    kind, body = _ask(worker, token, mac, args)
+    assert (kind, body["call_id"], body["value"]) == ("result", "id-ok", "A")
+    token, mac = s._minter.mint("id-bad-mac", "read", tool.parts, 5)
+    kind, body = _ask(worker, token, "0" * 64, args)
+    assert (kind, body["kind"], body["call_id"]) == ("error", "token", "id-bad-mac")
+    token, mac = s._minter.mint("id-raises", "read", tool.parts, 5)
+    kind, body = _ask(worker, token, mac, {"path": str(tmp_path / "missing.txt")})
+    assert (kind, body["kind"], body["call_id"]) == ("error", "tool", "id-raises")
+    assert "FileNotFoundError" in body["traceback"]  # tracebacks cross as text

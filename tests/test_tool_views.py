@@ -43,7 +43,8 @@ def test_error_text_names_the_rule_and_hides_secrets(session: Session) -> None:
     with pytest.raises(FailCoreError) as raised:
         session.call("login", user="bob", password="hunter2-pass")
     text = error_text(session, "login", {"user": "bob", "password": "hunter2-pass"}, raised.value)
-    assert agent_tools.SECRET_VALUE in str(raised.value)  # the caller's own exception has it
+    # The tool put the secret in its error; the caller's exception is scrubbed like the trace.
+    assert agent_tools.SECRET_VALUE not in str(raised.value) and "<secret>" in str(raised.value)
     assert text.startswith("ToolFailed: login: the tool raised PermissionError")
     assert agent_tools.SECRET_VALUE not in text and "hunter2-pass" not in text
     bare = SecurityError("refused", rule="net_safe: 127.0.0.0/8 (loopback)", layer="precheck")

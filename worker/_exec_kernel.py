@@ -27,11 +27,11 @@ takes both, with the same constants and conventions.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import os
-import socket
 import struct
 from collections.abc import Iterable, Sequence
+
+from failcore_worker import _kernel
 
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION = 1 << 0
@@ -289,8 +289,7 @@ def enter_netns() -> str:
 
 
 def loopback_up() -> None:
-    """Set IFF_UP on ``lo`` in this namespace (what ``ip link set lo up`` does)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        got = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
-        flags = _IFREQ.unpack(got)[1]
-        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+    """Set IFF_UP on ``lo`` in this namespace (``_kernel.loopback_up``, raising on failure)."""
+    layer = _kernel.loopback_up()
+    if not layer.in_force:
+        raise KernelError(0, layer.reason)

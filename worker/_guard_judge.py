@@ -20,6 +20,9 @@ from failcore_worker.protocol import GuardEvent, GuardSubject
 from failcore_worker.rules import Grants, Verdict
 
 MAX_EVENTS = 10_000
+# Refusals are never lost to the event cap: past it, the first MAX_BLOCKS refusals are
+# still kept, and every one is counted (State.block_total).
+MAX_BLOCKS = 64
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 _QUIET = frozenset({rules.RULE_IMPLICIT_READ, rules.RULE_SCRATCH})
 orig_getaddrinfo = socket.getaddrinfo
@@ -56,6 +59,8 @@ class State:
     fast_read: tuple[str, ...] = ()
     events: list[GuardEvent] = dataclasses.field(default_factory=list)
     dropped: int = 0
+    late_blocks: list[GuardEvent] = dataclasses.field(default_factory=list)
+    block_total: int = 0
     names: NameBook = dataclasses.field(default_factory=NameBook)
 
 
@@ -65,14 +70,18 @@ local = Local()
 
 def decide(verdict: Verdict, subject: GuardSubject, quiet: bool = False) -> None:
     event = cast(GuardEvent, subject)  # completed in place: this runs inside the audit hook
-    if not quiet:
+    block = verdict.action == "block"
+    if block or not quiet:
+        event["action"], event["rule"], event["reason"] = (
+            verdict.action, verdict.rule, verdict.reason)
         if len(state.events) < MAX_EVENTS:
-            event["action"], event["rule"], event["reason"] = (
-                verdict.action, verdict.rule, verdict.reason)
             state.events.append(event)
+        elif block and len(state.late_blocks) < MAX_BLOCKS:
+            state.late_blocks.append(event)
         else:
             state.dropped += 1
-    if verdict.action == "block":
+    if block:
+        state.block_total += 1
         raise GuardDenied(verdict, f"FailCore blocked {event.get('op')} {event.get('target')}: "
                                    f"{verdict.rule}: {verdict.reason}")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +168,7 @@ def enter_empty_netns(allow_userns: bool) -> tuple[Layer, Layer]:
         return Layer(False, why), Layer(False, why)
     no_userns = Layer(False, "not needed: the zygote may create a network namespace itself")
     if _unshare(_CLONE_NEWNET) == 0:
-        return Layer(True, "empty network namespace (unshare CLONE_NEWNET), loopback down"), no_userns
+        return Layer(True, "empty network namespace (unshare CLONE_NEWNET)"), no_userns
     direct = _errno_text()
     if not allow_userns:
         why = f"unshare(CLONE_NEWNET) failed: {direct}; a user namespace would break the uid drop"
@@ -185,6 +186,28 @@ def enter_empty_netns(allow_userns: bool) -> tuple[Layer, Layer]:
         # Still in the new network namespace (the part that matters); ids unmapped.
         return (Layer(True, "empty network namespace inside a new user namespace"),
                 Layer(False, f"user namespace created but the id maps failed: {exc}"))
-    return (Layer(True, "empty network namespace (in its own user namespace), loopback down"),
+    return (Layer(True, "empty network namespace (in its own user namespace)"),
             Layer(True, f"user namespace: uid {uid} and gid {gid} mapped to themselves, "
                         "setgroups denied"))
+
+
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+_IFREQ = struct.Struct("16sH22x")
+
+
+def loopback_up() -> Layer:
+    """Set IFF_UP on ``lo`` in this (new, empty) namespace, as ``ip link set lo up`` does:
+    a loopback only this namespace's processes share (urllib3 probes IPv6 by binding ::1).
+    Nothing reaches the host through it; the seccomp filter keeps it from being a channel
+    (no UDP, no listen)."""
+    import fcntl
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            got = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, _IFREQ.pack(b"lo", 0))
+            flags = _IFREQ.unpack(got)[1]
+            fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+    except OSError as exc:
+        return Layer(False, f"could not bring lo up: {exc}")
+    return Layer(True, "loopback up (this namespace only)")

@@ -319,7 +319,7 @@ def plan(grants: Grants, scratch: Sequence[str], implicit: Iterable[str], abi: i
         notes.append(f"TCP not handled: Landlock ABI {abi} < 4")
     if abi < 6:
         notes.append(f"signals and abstract unix sockets not scoped: Landlock ABI {abi} < 6")
-    bind_ports = (0,) if net and host_network else ()
+    bind_ports = (0,) if net else ()  # an ephemeral port: a client's bind (urllib3's ::1 probe)
     return Plan(abi, handled, net, scopes(abi), _minimal(rights), tuple(ports), tuple(notes),
                 bind_ports, tuple(missing))
 

@@ -11,6 +11,7 @@ with an empty grant set, and then tries what nothing grants:
   * ``signal``: signal 0 to the zygote (outside the child's Landlock domain; signal 0
     delivers nothing even if it gets through);
   * ``abstract``: connect to an abstract unix socket the zygote listens on;
+  * ``listen`` and ``udp``: ``listen(2)`` and a UDP socket (the seccomp filter's);
   * ``exec``: execve ``/bin/true``.
 
 Each probe reports 0 when the operation succeeded, else its errno. The parent also counts
@@ -30,7 +31,7 @@ import socket
 import time
 from typing import Any
 
-from failcore_worker import _kernel, _landlock
+from failcore_worker import _kernel, _landlock, _seccomp
 from failcore_worker.rules import Grants
 
 _TIMEOUT_S = 5.0
@@ -56,6 +57,23 @@ def _open(path: str) -> int:
         return exc.errno or errno.EIO
 
 
+def _listen() -> int:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.listen(1)
+        return 0
+    except OSError as exc:
+        return exc.errno or errno.EIO
+
+
+def _udp() -> int:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+        return 0
+    except OSError as exc:
+        return exc.errno or errno.EIO
+
+
 def _signal(pid: int) -> int:
     try:
         os.kill(pid, 0)
@@ -72,6 +90,8 @@ def _child(probe: dict[str, Any], implicit: tuple[str, ...], abstract: str, zygo
     emit(connect_before=_connect(socket.AF_INET, ("127.0.0.1", int(probe["port_netns"]))))
     emit(capabilities=_kernel.clear_capabilities().to_wire(),
          no_new_privs=_kernel.set_no_new_privs().to_wire())
+    if probe.get("seccomp"):
+        emit(seccomp=_seccomp.deny_network_escapes().to_wire())
     abi = _landlock.cached_abi()
     if abi == 0:
         emit(landlock={"in_force": False, "reason": "the kernel has no Landlock (or it is "
@@ -87,6 +107,7 @@ def _child(probe: dict[str, Any], implicit: tuple[str, ...], abstract: str, zygo
     emit(open=_open(str(probe["path"])),
          connect=_connect(socket.AF_INET, ("127.0.0.1", int(probe["port_landlock"]))),
          signal=_signal(zygote), abstract=_connect(socket.AF_UNIX, abstract))
+    emit(listen=_listen(), udp=_udp())
     try:
         os.execv("/bin/true", ["/bin/true"])
     except OSError as exc:

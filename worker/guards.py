@@ -43,7 +43,8 @@ from failcore_worker._guard_judge import (
 )
 from failcore_worker.rules import Grants, GuardEvent, Verdict
 
-__all__ = ["GuardDenied", "install", "runtime_begin", "runtime_end", "set_call", "take_events"]
+__all__ = ["GuardDenied", "install", "runtime_begin", "runtime_end", "set_call", "take_blocks",
+           "take_events"]
 
 _orig_os_open = os.open
 _activations: dict[int, tuple[Grants, Grants, tuple[str, ...]]] = {}
@@ -109,8 +110,12 @@ def runtime_end() -> None:
 
 
 def take_events() -> list[GuardEvent]:
-    """The decisions recorded since the last take (oldest first), then forgets them."""
+    """The decisions recorded since the last take (oldest first), then forgets them.
+    Refusals recorded past the event cap come last (see ``take_blocks``)."""
     events, state.events = state.events, []
+    if state.late_blocks:
+        events.extend(state.late_blocks)
+        state.late_blocks = []
     if state.dropped:
         events.append({"op": "guard.dropped", "target": f"{state.dropped} events",
                        "action": "warn", "rule": "guard: event limit",
@@ -118,6 +123,13 @@ def take_events() -> list[GuardEvent]:
                                  f"{state.dropped} were not recorded"})
         state.dropped = 0
     return events
+
+
+def take_blocks() -> int:
+    """How many operations were refused since the last take (every one, whatever the
+    event cap kept), then forgets them."""
+    total, state.block_total = state.block_total, 0
+    return total
 
 
 def _activate(grants: Grants, scratch: tuple[str, ...]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 
-from failcore_worker import _kernel, _landlock, guards, protocol
+from failcore_worker import _broker, _data_cost, _kernel, _landlock, _values, guards, protocol
 from failcore_worker._kernel import Layer
 from failcore_worker.rules import Grants
 
@@ -34,6 +34,9 @@ _MB = 1024 * 1024
 _WARM_CPU_CALLS = 64
 # Guard events reported per call (a tool opening 100k files must not flood the reply).
 _MAX_EVENTS = 1000
+# An error's message and traceback are cut to this many characters each (they travel in
+# the reply's envelope, which the parent bounds).
+_MAX_ERROR_TEXT = 16 * 1024
 
 
 class _State:
@@ -49,6 +52,7 @@ class _State:
         self.base_dir = ""
         self.init_error: dict[str, Any] | None = None
         self.seen_calls: set[str] = set()
+        self.call_id: str | None = None  # the current request's, as its token names it
         self.calls = 0
         self.cpu_hard = 0.0
         self.cpu_s = 0
@@ -59,6 +63,8 @@ class _State:
         self.real_base = ""
         self.host_network = False
         self.stacked = False
+        self.chan: socket.socket | None = None
+        self.brokered = False
 
 
 def _cpu_used() -> float:
@@ -141,6 +147,11 @@ def lock_down(state: _State, body: dict[str, Any]) -> None:
             raise PermissionError("confinement='require' but not in force in this worker: "
                                   + "; ".join(missing))
     guards.install(grants, state.base_dir)
+    if mode != "off" and not state.host_network and state.chan is not None:
+        # After the guards, so the broker's socket functions are the ones in place: a
+        # confined worker's TCP connects and name lookups go through the parent (issue 16).
+        _broker.install(_broker.channel_ask(state.chan))
+        state.brokered = True
     state.fn = cloudpickle.loads(body["tool_blob"])
 
 
@@ -207,16 +218,39 @@ def format_traceback(exc: BaseException) -> str:
     return "".join(parts)
 
 
+def _text(make: Any, what: str, limit: int = _MAX_ERROR_TEXT) -> str:
+    """``make()`` as bounded text; a failing ``__str__`` or formatter never loses the reply."""
+    try:
+        text = str(make())
+    except Exception as exc:  # noqa: BLE001 - the tool's own __str__ may raise anything
+        return f"<{what} could not be formatted: {type(exc).__name__}>"
+    if len(text) > limit:
+        text = f"{text[:limit]}... [{len(text) - limit} more characters not sent]"
+    return text
+
+
 def _error(kind: str, exc: BaseException | None, message: str = "", **extra: Any) -> dict[str, Any]:
+    """An error reply's body: plain text fields only (tracebacks cross as text)."""
     body: dict[str, Any] = {
         "kind": kind,
         "type": type(exc).__name__ if exc is not None else kind,
-        "message": message or (str(exc) if exc is not None else ""),
-        "traceback": format_traceback(exc) if exc is not None else "",
+        "message": message or (_text(lambda: exc, "the message") if exc is not None else ""),
+        "traceback": _text(lambda: format_traceback(exc), "the traceback", 4 * _MAX_ERROR_TEXT)
+                     if exc is not None else "",
         "events": [],
     }
     body.update(extra)
     return body
+
+
+def _call_id(body: dict[str, Any]) -> str | None:
+    """The call id the request's token names, read without verifying it (error replies)."""
+    try:
+        header, _grants, _limits = protocol.split_token(body["token"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+    call_id = header.get("call_id")
+    return call_id if isinstance(call_id, str) else None
 
 
 def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]:
@@ -228,6 +262,7 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
     except ValueError as exc:
         return _error(protocol.ERR_TOKEN, None, f"capability token is malformed: {exc}")
     call_id = header.get("call_id")
+    state.call_id = call_id if isinstance(call_id, str) else None
     if header.get("tool") != state.tool:
         return _error(protocol.ERR_TOKEN, None,
                       f"token is for tool {header.get('tool')!r}, this worker runs {state.tool!r}")
@@ -260,10 +295,14 @@ def _check_token(state: _State, body: dict[str, Any]) -> Grants | dict[str, Any]
 
 
 def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Run one request; every reply names the call id its token carries (verified or not:
+    the parent matches replies to the calls it sent)."""
+    state.call_id = None
     if state.init_error is not None:
-        return "error", state.init_error
+        return "error", dict(state.init_error, call_id=_call_id(body))
     checked = _check_token(state, body)
     if isinstance(checked, dict):
+        checked["call_id"] = state.call_id if state.call_id is not None else _call_id(body)
         return "error", checked
     state.calls += 1
     guards.runtime_begin()
@@ -276,6 +315,8 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
     state.used_dir = cwd
     guards.set_call(checked, cwd)
     cpu_before = _cpu_used()
+    if state.brokered:
+        _broker.begin_call()
     try:
         value = state.fn(**body["args"])
         reply: tuple[str, dict[str, Any]] = ("result", {"value": value})
@@ -287,26 +328,36 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
         kind = protocol.ERR_RESOURCE if isinstance(exc, OSError) and exc.errno == 27 else protocol.ERR_TOOL
         reply = "error", _error(kind, exc)
     finally:
+        if state.brokered:
+            _broker.end_call()  # waits for a request in flight: the channel is ours again
         guards.runtime_begin()
         try:
             os.chdir(state.base_dir)  # removing the directory waits until after the reply
         finally:
             guards.runtime_end()
     events = guards.take_events()
-    blocked = next((e for e in events if e.get("action") == "block"), None)
-    if blocked is not None and reply[1].get("kind") != protocol.ERR_DENIED:
+    blocks = guards.take_blocks()
+    if blocks and reply[1].get("kind") != protocol.ERR_DENIED:
         # A blocked operation fails the call even when the tool caught the PermissionError
         # or wrapped it (urllib turns it into URLError): the attempt is what matters.
+        blocked: dict[str, Any] = next((dict(e) for e in events if e.get("action") == "block"), {})
         reply = "error", _error(protocol.ERR_DENIED, None, str(blocked.get("reason", "")))
     if len(events) > _MAX_EVENTS:
-        dropped = len(events) - _MAX_EVENTS
-        events = events[:_MAX_EVENTS] + [{"op": "events.dropped", "action": "warn",
-                                          "rule": "event cap",
-                                          "reason": f"{dropped} further events not reported"}]
+        # The reply carries the first events, then every refusal the guards kept: no
+        # refusal is lost to the cap (``blocks`` counts them all).
+        late = [e for e in events[_MAX_EVENTS:] if e.get("action") == "block"]
+        dropped = len(events) - _MAX_EVENTS - len(late)
+        events = events[:_MAX_EVENTS] + late + [{
+            "op": "events.dropped", "action": "warn", "rule": "event cap",
+            "reason": f"{dropped} further events not reported"}]
+    if blocks:
+        reply[1]["blocks"] = blocks
     reply[1]["events"] = events
     # CPU this process used for the call (threads included, subprocesses not): the
     # parent charges it to the tool's CPU budget.
-    reply[1]["cpu_s"] = round(max(0.0, _cpu_used() - cpu_before), 6)
+    # Fixed width (a decimal string), so equal calls give equal reply sizes in the trace.
+    reply[1]["cpu_s"] = f"{min(max(0.0, _cpu_used() - cpu_before), 99999.0):012.6f}"
+    reply[1]["call_id"] = state.call_id
     if reply[0] == "result":
         reply[1]["retire"] = state.stacked or state.cpu_hard - _cpu_used() < state.cpu_s + 1
     elif state.stacked:
@@ -343,19 +394,64 @@ def _between_calls(state: _State) -> None:
         guards.runtime_end()
 
 
-def _send_reply(chan: socket.socket, kind: str, body: dict[str, Any]) -> None:
+def encode_reply(kind: str, body: dict[str, Any], output_bytes: int) -> bytes:
+    """The reply frame: a result's value as data (``_values``), checked against the limits
+    the parent applies, so an honest tool gets a clear error and keeps its worker."""
+    if kind == "result" and output_bytes > _data_cost.SMALL:
+        frame = protocol.small_result_frame(body)  # within every limit and budget
+        if frame is not None:
+            return frame
     try:
-        data = protocol.encode(kind, body)
+        blobs: list[bytes | bytearray] = []
+        expansion = 0
+        if kind == "result":
+            encoded = _values.to_data(body["value"], output_bytes)
+            body["value"], blobs, expansion = encoded.data, encoded.blobs, encoded.expansion
+        text = protocol.data_text(kind, body)
+        limit = protocol.reply_limit(output_bytes)
+        size = len(text) + sum(len(b) + 1 for b in blobs) if blobs else len(text)
+        if size > limit:
+            raise _values.TooLarge(size - protocol.REPLY_ENVELOPE_BYTES, output_bytes)
+        # The parent's own check, on the same text (see failcore._values.decode_reply).
+        cost = _data_cost.decode_cost(text, len(text) if blobs else None) + expansion
+        if cost > _data_cost.decode_budget(limit):
+            return _refusal(body, protocol.ERR_TOO_LARGE, None, (
+                f"result would cost the parent about {cost} bytes to decode, more than "
+                f"{_data_cost.DECODE_MULTIPLE} x (output_bytes={output_bytes} + the envelope): "
+                "it holds too many small objects; return fewer, larger items (e.g. text or "
+                "bytes) or raise Limits(output_bytes=...)"))
+        return protocol.frame_data(text, blobs)
+    except _values.TooLarge as exc:
+        return _refusal(body, protocol.ERR_TOO_LARGE, None, (
+            f"result of at least {exc.at_least} bytes exceeds output_bytes={exc.limit} "
+            "(not sent); return less or raise Limits(output_bytes=...)"))
+    except _values.NotData as exc:
+        return _refusal(body, protocol.ERR_OUTPUT, None, (
+            f"returned {exc.describe()} that cannot cross the process boundary; return plain "
+            f"data or one of: {_values.SUPPORTED}"))
     except MemoryError as exc:
-        data = protocol.encode("error", _error(protocol.ERR_MEMORY, exc,
-                                               "the result was too large to serialise (memory_mb limit)",
-                                               events=body.get("events", [])))
-    except Exception as exc:  # noqa: BLE001 - pickling can raise anything
-        data = protocol.encode("error", _error(
-            protocol.ERR_UNPICKLABLE, exc,
-            f"the tool's result could not be serialised: {type(exc).__name__}: {exc}",
-            events=body.get("events", [])))
-    chan.sendall(data)
+        return _refusal(body, protocol.ERR_MEMORY, exc,
+                        "the result was too large to encode (memory_mb limit)")
+    except Exception as exc:  # noqa: BLE001 - a value's own methods may raise anything
+        return _refusal(body, protocol.ERR_OUTPUT, exc, (
+            f"the result could not be encoded as data: {type(exc).__name__}: "
+            f"{_text(lambda e=exc: e, 'the message', 1000)}"))
+
+
+def _refusal(body: dict[str, Any], kind: str, exc: BaseException | None, message: str) -> bytes:
+    return protocol.encode_data("error", _error(kind, exc, message, events=body.get("events", []),
+                                                call_id=body.get("call_id")))
+
+
+def _send_reply(chan: socket.socket, state: _State, kind: str, body: dict[str, Any]) -> None:
+    output_bytes = int(state.limits.get("output_bytes", protocol.MAX_CONTROL_FRAME))
+    try:
+        frame = encode_reply(kind, body, output_bytes)
+    except BaseException as exc:  # noqa: BLE001 - the reply must still go out, as data
+        frame = protocol.encode_data("error", _error(
+            protocol.ERR_OUTPUT, None, f"the reply could not be encoded: {type(exc).__name__}",
+            call_id=state.call_id))
+    chan.sendall(frame)
 
 
 def _warm_up() -> None:
@@ -376,6 +472,8 @@ def _warm_up() -> None:
     _cpu_used()
     resource.getrlimit(resource.RLIMIT_AS)
     pickle.loads(pickle.dumps(({"a": [1, "b", 2.0]}, token), protocol=protocol.PICKLE_PROTOCOL))
+    encode_reply("result", {"value": {"a": [1, "b", 2.0, (3,)]}, "events": [], "call_id": "c0"},
+                 1 << 20)
     dict(os.environ)
 
 
@@ -403,7 +501,8 @@ def _rehearse(state: _State) -> None:
     guards.set_call(state.grants, cwd)
     guards.take_events()
     _cpu_used()
-    protocol.encode("result", {"value": None, "events": [], "retire": False})
+    encode_reply("result", {"value": None, "events": [], "retire": False, "call_id": "c0"},
+                 int(state.limits.get("output_bytes", 1 << 20)))
 
 
 def serve(chan: socket.socket, warm_up: bool = True) -> None:
@@ -413,6 +512,7 @@ def serve(chan: socket.socket, warm_up: bool = True) -> None:
     ``init`` follows at once, since it rehearses after lock-down anyway.
     """
     state = _State()
+    state.chan = chan
     if warm_up:
         _warm_up()
     while True:
@@ -431,8 +531,8 @@ def serve(chan: socket.socket, warm_up: bool = True) -> None:
             try:
                 reply_kind, reply = _run_call(state, body)
             except BaseException as exc:  # noqa: BLE001
-                reply_kind, reply = "error", _error(protocol.ERR_TOOL, exc)
-            _send_reply(chan, reply_kind, reply)
+                reply_kind, reply = "error", _error(protocol.ERR_TOOL, exc, call_id=_call_id(body))
+            _send_reply(chan, state, reply_kind, reply)
             _between_calls(state)
         else:
             os._exit(0)

@@ -45,7 +45,7 @@ from typing import Any
 
 import cloudpickle  # noqa: F401
 
-from failcore_worker import _kernel, _landlock, _selftest, _tree, guards, main, rules  # noqa: F401
+from failcore_worker import _kernel, _landlock, _seccomp, _selftest, _tree, guards, main, rules  # noqa: F401
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -156,14 +156,23 @@ def _prepare(options: dict[str, Any], resolve: tuple[str, ...]) -> dict[str, Any
         report["netns"], report["userns"] = netns.to_wire(), userns.to_wire()
     if options.get("kernel"):
         report["bounding"] = _kernel.drop_bounding_set().to_wire()  # inherited by every fork
+        if options.get("netns") and report["netns"]["in_force"]:
+            report["loopback"] = _kernel.loopback_up().to_wire()  # this namespace's own
         report["landlock_abi"] = _landlock.cached_abi()
         # Resolved once here, inherited by every worker (a worker that stacks a narrower
         # ruleset plans for itself); the parent plans each tool's ruleset with these.
         _landlock.warm(resolve)
         report["loader_paths"] = list(_landlock.loader_paths())
     probe = options.get("selftest")
+    confined = bool(options.get("kernel") and options.get("netns"))
     if probe is not None:
-        report["selftest"] = _selftest.run(probe, resolve)
+        report["selftest"] = _selftest.run(dict(probe, seccomp=confined), resolve)
+    if confined:
+        # After the self-test (which listens, here, for its abstract-socket probe): the
+        # seccomp filter every worker of this zygote inherits (no listen, no UDP, no
+        # io_uring: what Landlock cannot say). The self-test child installed its own.
+        _kernel.set_no_new_privs()
+        report["seccomp"] = _seccomp.deny_network_escapes().to_wire()
     report["prepare_ms"] = (time.perf_counter() - started) * 1000
     return report
 
