@@ -365,7 +365,7 @@ class LocalBackend:
             # A refused connect fails the call even when the tool swallowed the error
             # (urllib turns it into URLError): the attempt is what matters.
             blocked_call(tool, outcome, observed)
-        if _unsolicited(worker):
+        if worker.kill_reason is None and _unsolicited(worker):
             # More bytes after the one reply: a second (forged or stale) reply.
             worker.kill("a second reply on its channel")
             return Outcome(status="crashed", reuse=False, events=outcome.events,
