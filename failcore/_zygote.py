@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 
 import failcore_worker
 from failcore._errors import WorkerCrashed
+from failcore_worker import protocol
 
 # The fixed environment of every worker process before grants are applied.
 MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -62,10 +62,12 @@ class Zygote:
         self._closed = False
         ctl.settimeout(30)
         try:
-            ready = pickle.loads(ctl.recv(65536))
+            ready = protocol.decode_control(ctl.recv(1 << 20))
+            if ready[0] != "ready":
+                raise protocol.BadFrame(f"expected ready, got {ready[0]}")
             self.pid = ready[1]
             self.report: dict[str, Any] = ready[2]
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError, IndexError) as exc:
+        except (OSError, protocol.BadFrame) as exc:
             self.proc.kill()
             self.proc.wait()
             raise WorkerCrashed(f"the worker zygote failed to start: {self.log_tail()}") from exc
@@ -90,7 +92,10 @@ class Zygote:
                     self._closed = True
                     self._cond.notify_all()
                 return
-            msg = pickle.loads(data)  # the zygote is ours and never runs tool code
+            try:
+                msg = protocol.decode_control(data)
+            except protocol.BadFrame:
+                continue  # not the zygote's word: ignored, never unpickled
             with self._cond:
                 if msg[0] == "forked":
                     self._forked[msg[1]] = (msg[2], msg[3])
@@ -108,7 +113,8 @@ class Zygote:
             self._next += 1
             wid = self._next
             try:
-                socket.send_fds(self._ctl, [pickle.dumps(("fork", wid, warm_up))], [theirs.fileno()])
+                socket.send_fds(self._ctl, [protocol.encode_control("fork", wid, warm_up)],
+                                [theirs.fileno()])
             except OSError as exc:
                 ours.close()
                 raise WorkerCrashed(f"the worker zygote is gone: {self.log_tail()}") from exc

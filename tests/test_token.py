@@ -156,3 +156,16 @@ def test_every_reply_names_its_call_id(warm, tmp_path) -> None:  # type: ignore[
     kind, body = _ask(worker, token, mac, {"path": str(tmp_path / "missing.txt")})
     assert (kind, body["kind"], body["call_id"]) == ("error", "tool", "id-raises")
     assert "FileNotFoundError" in body["traceback"]  # tracebacks cross as text
+
+
+def test_zygote_control_messages_are_data() -> None:
+    """The zygote's control channel carries JSON, checked per kind: nothing the parent
+    reads from it is ever unpickled."""
+    import pickle
+
+    assert protocol.decode_control(protocol.encode_control("forked", 3, 1234, 7)) == [
+        "forked", 3, 1234, 7]
+    for bad in (pickle.dumps(("forked", 3, 1234, 7)), b'["forked",3,"1234",7]',
+                b'["exec","import os"]', b'["exited",1,true]', b"[]", b"{}"):
+        with pytest.raises(protocol.BadFrame):
+            protocol.decode_control(bad)

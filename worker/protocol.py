@@ -539,3 +539,35 @@ class ExecFailure(TypedDict):
 
     stage: str
     message: str
+
+
+# --- the zygote's control channel ----------------------------------------------------------
+# SOCK_SEQPACKET, one message per packet, each a JSON array ``[kind, field...]``: data in
+# both directions (a root worker with native code could reach the zygote's socket; the
+# parent must not unpickle what it might write).
+#   parent -> zygote: ["fork", worker_id, warm_up]  (the worker's channel fd via SCM_RIGHTS)
+#   zygote -> parent: ["ready", zygote_pid, report] | ["forked", worker_id, pid, chan_fd]
+#                     | ["exited", pid, wait_status]
+CONTROL_FIELDS: dict[str, tuple[type, ...]] = {
+    "fork": (int, bool), "ready": (int, dict), "forked": (int, int, int), "exited": (int, int),
+}
+
+
+def encode_control(kind: str, *fields: Any) -> bytes:
+    return json.dumps([kind, *fields], separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_control(data: bytes) -> list[Any]:
+    """A control message, its kind and field types checked; raises BadFrame otherwise."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise BadFrame(f"control message is not JSON: {exc}") from None
+    if not isinstance(msg, list) or not msg or msg[0] not in CONTROL_FIELDS:
+        raise BadFrame(f"unknown control message {str(msg)[:80]}")
+    types = CONTROL_FIELDS[msg[0]]
+    if len(msg) != 1 + len(types) or not all(
+            isinstance(v, t) and (t is bool or not isinstance(v, bool))
+            for v, t in zip(msg[1:], types, strict=True)):
+        raise BadFrame(f"malformed control message {str(msg)[:80]}")
+    return msg

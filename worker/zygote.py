@@ -11,11 +11,12 @@ with ``options["netns"]`` the zygote enters an empty network namespace (``_kerne
 every worker inherits it; with ``options["selftest"]`` it forks a throwaway child that
 confines itself with no grants and tries what it must not (``_selftest``), and reports.
 
-Control channel (SOCK_SEQPACKET, one message per packet, pickled tuples):
-  zygote -> parent: ("ready", pid, report) once, first
-  parent -> zygote: ("fork", worker_id, warm_up) with the worker's channel fd attached
+Control channel (SOCK_SEQPACKET, one JSON message per packet: see
+``failcore_worker.protocol.encode_control``):
+  zygote -> parent: ["ready", pid, report] once, first
+  parent -> zygote: ["fork", worker_id, warm_up] with the worker's channel fd attached
                     (SCM_RIGHTS); warm_up=False for a worker whose init follows at once
-  zygote -> parent: ("forked", worker_id, pid, chan_fd) | ("exited", pid, wait_status)
+  zygote -> parent: ["forked", worker_id, pid, chan_fd] | ["exited", pid, wait_status]
                     (chan_fd: the channel's descriptor number in the worker, so the parent
                     knows the worker's descriptor set before any tool code runs)
 When the control channel closes (the parent exited or died), the zygote kills every
@@ -32,7 +33,7 @@ import gc
 import http.client  # noqa: F401
 import json  # noqa: F401
 import os
-import pickle
+import pickle  # noqa: F401 - preloaded: workers decode the parent's frames with it
 import select
 import shutil
 import signal
@@ -45,7 +46,17 @@ from typing import Any
 
 import cloudpickle  # noqa: F401
 
-from failcore_worker import _kernel, _landlock, _seccomp, _selftest, _tree, guards, main, rules  # noqa: F401
+from failcore_worker import (  # noqa: F401
+    _kernel,
+    _landlock,
+    _seccomp,
+    _selftest,
+    _tree,
+    guards,
+    main,
+    protocol,
+    rules,
+)
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -102,7 +113,7 @@ def _reap(ctl: socket.socket, children: set[int]) -> None:
             continue  # an adopted orphan we killed
         children.discard(pid)
         try:
-            ctl.send(pickle.dumps(("exited", pid, status)))
+            ctl.send(protocol.encode_control("exited", pid, status))
         except OSError:
             pass
     # The zygote is a child subreaper: a worker's orphans (even ones that called setsid)
@@ -198,7 +209,7 @@ def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...]
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: _shutdown(children))
-    ctl.send(pickle.dumps(("ready", os.getpid(), report)))
+    ctl.send(protocol.encode_control("ready", os.getpid(), report))
     while True:
         ready, _, _ = select.select([ctl.fileno(), wake_r], [], [], 1.0)
         if wake_r in ready:
@@ -215,7 +226,10 @@ def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...]
             _shutdown(children)
         if not msg:
             _shutdown(children)
-        kind, worker_id, warm_up = pickle.loads(msg)
+        try:
+            kind, worker_id, warm_up = protocol.decode_control(msg)
+        except (protocol.BadFrame, ValueError):
+            kind = ""
         if kind != "fork" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -227,5 +241,5 @@ def serve(ctl_fd: int, session_root: str | None = None, resolve: tuple[str, ...]
             _child(ctl, fds[0], bool(warm_up))
         os.close(fds[0])
         children.add(pid)
-        ctl.send(pickle.dumps(("forked", worker_id, pid, fds[0])))
+        ctl.send(protocol.encode_control("forked", worker_id, pid, fds[0]))
 
