@@ -97,7 +97,7 @@ class ScrubbingTrace:
     def record(self, kind: str, call_id: str | None, body: dict[str, Any], *,
                plain: bool = False) -> Any:
         if not plain:  # plain: the caller's promise that the body is JSON-native already
-            from failcore._validation import to_jsonable
+            from failcore._trace_encoding import to_jsonable
 
             body = to_jsonable(body)
         body = self.scrubber.value(body)

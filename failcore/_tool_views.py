@@ -23,7 +23,8 @@ from failcore._errors import FailCoreError, MissingExtra, SecurityError
 from failcore._recording import scrub
 from failcore._schema import input_schema, output_schema
 from failcore._tool import Tool, secret_values
-from failcore._validation import ToolModels, to_jsonable
+from failcore._trace_encoding import to_jsonable
+from failcore._validation import ToolModels
 
 if TYPE_CHECKING:
     from failcore._session import Session

@@ -99,6 +99,28 @@ def _safe_repr(obj: Any) -> str:
     return clean_str(_ADDRESS.sub("", text))
 
 
+def from_jsonable(value: Any) -> Any:
+    """Undo the tags ``to_jsonable`` writes for what JSON cannot say (``{"$bytes": b64}``,
+    ``{"$int": hex}``); everything else is returned as the trace holds it."""
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (key, inner), = value.items()
+            if key == "$bytes" and isinstance(inner, str):
+                try:
+                    return base64.b64decode(inner, validate=True)
+                except ValueError:
+                    return value
+            if key == "$int" and isinstance(inner, str):
+                try:
+                    return int(inner, 16)
+                except ValueError:
+                    return value
+        return {k: from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v) for v in value]
+    return value
+
+
 def to_jsonable(value: Any, _depth: int = 0) -> Any:
     """Convert ``value`` to JSON-native data, deterministically and without ever raising.
 

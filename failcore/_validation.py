@@ -19,9 +19,7 @@ explicit ``input_model``/``output_model`` classes validate under their own ``mod
 
 from __future__ import annotations
 
-import base64
 import inspect
-import math
 import reprlib
 import types
 import typing
@@ -49,7 +47,7 @@ from failcore._schema import (
     tool_schemas,
     type_name,
 )
-from failcore._trace_encoding import clean_str
+from failcore._trace_encoding import from_jsonable, to_jsonable
 
 __all__ = ["FORMATS", "REDACTED", "Secret", "ToolModels", "build_models", "tighten", "tool_schemas"]
 
@@ -173,8 +171,7 @@ class ToolModels:
     def redact(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Arguments as the trace may hold them: secrets replaced by ``"<secret>"``, all JSON-able.
 
-        Never raises: values pydantic cannot serialize become their ``repr``; bytes become
-        base64; NaN and infinities become strings.
+        Never raises: see ``failcore._trace_encoding.to_jsonable`` (the trace's one encoding).
         """
         shown = {k: (REDACTED if k in self.secret_fields else v) for k, v in kwargs.items()}
         return typing.cast(dict[str, Any], to_jsonable(shown))
@@ -189,9 +186,10 @@ class ToolModels:
             return to_jsonable(value)
 
     def output_from_json(self, data: Any) -> Any:
-        """Rebuild a result from its recorded JSON (replay). Without an output model, ``data``."""
+        """Rebuild a result from its recorded JSON (replay). Without an output model, the
+        plain data the trace holds, with its ``$bytes``/``$int`` tags turned back."""
         if self._out_adapter is None:
-            return data
+            return from_jsonable(data)
         # JSON-mode validation: dates from strings, bytes from base64, tuples from lists.
         return self._out_adapter.validate_json(to_json(data))
 
@@ -243,49 +241,6 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
 def _leaks(msg: str, value: object) -> bool:
     text = value if isinstance(value, str) else repr(value)
     return bool(text) and text in msg
-
-
-_MAX_JSON_DEPTH = 64
-
-
-def to_jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data; never raises (the trace must always be writable).
-
-    The fast path is pydantic's serializer. When it refuses (lone surrogates, nesting past
-    its recursion limit, odd objects), the value is converted piece by piece so that one
-    bad element never turns a whole argument dict into a string, and nesting is cut at
-    ``_MAX_JSON_DEPTH`` levels instead of exhausting the stack.
-    """
-    try:
-        return from_json(to_json(value, fallback=repr, bytes_mode="base64", inf_nan_mode="strings",
-                                 serialize_unknown=True))
-    except Exception:
-        return _piecewise(value, 0)
-
-
-def _piecewise(value: Any, depth: int) -> Any:
-    if depth >= _MAX_JSON_DEPTH:
-        return "<nested too deeply>"
-    if isinstance(value, str):
-        return clean_str(value)
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {clean_str(str(k)): _piecewise(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_piecewise(v, depth + 1) for v in value]
-    if isinstance(value, bytes | bytearray):
-        return base64.b64encode(bytes(value)).decode()
-    try:
-        return from_json(to_json(value, fallback=repr, bytes_mode="base64",
-                                 inf_nan_mode="strings", serialize_unknown=True))
-    except Exception:
-        try:
-            return clean_str(repr(value))[:1000]
-        except Exception:  # RecursionError, a failing __repr__
-            return f"<unrepresentable {type(value).__name__}>"
 
 
 # -- registration ----------------------------------------------------------------------------

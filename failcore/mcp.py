@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from failcore._errors import FailCoreError, InputValidationError
 from failcore._recording import call_context
 from failcore._tool_views import error_text, require, view
-from failcore._validation import to_jsonable
+from failcore._trace_encoding import to_jsonable
 
 if TYPE_CHECKING:
     from mcp.server import Server

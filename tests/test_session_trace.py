@@ -437,3 +437,19 @@ def test_fresh_worker_traces_do_not_depend_on_pool_timing(tmp_path: Path) -> Non
     assert runs[0] == runs[1]
     sends = [r["body"]["type"] for r in runs[0] if r["kind"] == "ipc.send"]
     assert sends == ["init", "call"] * 6, "every message across the boundary is recorded"
+
+
+def test_bytes_arguments_and_untyped_bytes_results_replay(tmp_path: Path) -> None:
+    """One JSON encoding for the trace (bytes as ``{"$bytes": ...}``): a call with bytes
+    in and out replays, even without a return annotation."""
+
+    def flip(data: bytes):  # type: ignore[no-untyped-def]  # no annotation: plain data
+        return data[::-1]
+
+    trace = tmp_path / "t.jsonl"
+    with Session(trace=trace) as s:
+        s.register("flip", flip)
+        assert s.call("flip", data=b"\x00\xffab") == b"ba\xff\x00"
+    with Session(replay=trace) as r:
+        r.register("flip", flip)
+        assert r.call("flip", data=b"\x00\xffab") == b"ba\xff\x00"
