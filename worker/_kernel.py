@@ -168,7 +168,7 @@ def enter_empty_netns(allow_userns: bool) -> tuple[Layer, Layer]:
         return Layer(False, why), Layer(False, why)
     no_userns = Layer(False, "not needed: the zygote may create a network namespace itself")
     if _unshare(_CLONE_NEWNET) == 0:
-        return Layer(True, "empty network namespace (unshare CLONE_NEWNET)"), no_userns
+        return Layer(True, "empty network namespace: unshare(CLONE_NEWNET)"), no_userns
     direct = _errno_text()
     if not allow_userns:
         why = f"unshare(CLONE_NEWNET) failed: {direct}; a user namespace would break the uid drop"
@@ -184,9 +184,11 @@ def enter_empty_netns(allow_userns: bool) -> tuple[Layer, Layer]:
         _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
     except OSError as exc:
         # Still in the new network namespace (the part that matters); ids unmapped.
-        return (Layer(True, "empty network namespace inside a new user namespace"),
+        return (Layer(True, "empty network namespace inside a new user namespace: "
+                      "unshare(CLONE_NEWUSER|CLONE_NEWNET)"),
                 Layer(False, f"user namespace created but the id maps failed: {exc}"))
-    return (Layer(True, "empty network namespace (in its own user namespace)"),
+    return (Layer(True, "empty network namespace in its own user namespace: "
+                  "unshare(CLONE_NEWUSER|CLONE_NEWNET)"),
             Layer(True, f"user namespace: uid {uid} and gid {gid} mapped to themselves, "
                         "setgroups denied"))
 
