@@ -10,6 +10,8 @@ byte-identical JSON), which the golden tests pin. Import the public interface fr
 
 from __future__ import annotations
 
+import functools
+import sys
 import types
 import typing
 from collections import abc
@@ -74,7 +76,7 @@ def tighten(tp: Any) -> Any:
         return _STRICT_SCALARS[tp]
     origin = typing.get_origin(tp)
     if origin is None:
-        return tp
+        return _portable_typeddict(tp) if _stdlib_typeddict(tp) else tp
     args = typing.get_args(tp)
     if origin is Annotated:
         inner, *meta = args
@@ -90,6 +92,31 @@ def tighten(tp: Any) -> Any:
         copy_with = getattr(tp, "copy_with", None)
         return copy_with(new_args) if copy_with is not None else tp
     return tp
+
+
+def _stdlib_typeddict(tp: Any) -> bool:
+    """A ``typing.TypedDict`` class, which pydantic refuses before Python 3.12."""
+    return sys.version_info < (3, 12) and typing.is_typeddict(tp) \
+        and type(tp).__module__ == "typing"
+
+
+@functools.cache
+def _portable_typeddict(td: Any) -> Any:
+    """``td`` as a ``typing_extensions.TypedDict`` (same name, keys, required keys and value
+    types, tightened): what pydantic accepts on every Python this package supports, so a
+    tool may annotate with the standard library's TypedDict."""
+    import typing_extensions as te
+
+    fields: dict[str, Any] = {}
+    for key, hint in typing.get_type_hints(td, include_extras=True).items():
+        if typing.get_origin(hint) in (typing.Required, typing.NotRequired):
+            hint = typing.get_args(hint)[0]
+        wrap = te.Required if key in td.__required_keys__ else te.NotRequired
+        fields[key] = wrap[tighten(hint)]
+    portable = te.TypedDict(td.__name__, fields)  # type: ignore[misc]
+    portable.__module__, portable.__qualname__ = td.__module__, td.__qualname__
+    portable.__doc__ = td.__doc__
+    return portable
 
 
 def type_name(tp: Any) -> str:

@@ -14,6 +14,7 @@ import decimal
 import enum
 import ipaddress
 import pathlib
+import typing
 import uuid
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -23,7 +24,14 @@ from conftest import idle_worker_pids
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict
 
-from failcore import Limits, OutputValidationError, ResourceLimitExceeded, Session, ToolMetadata
+from failcore import (
+    InputValidationError,
+    Limits,
+    OutputValidationError,
+    ResourceLimitExceeded,
+    Session,
+    ToolMetadata,
+)
 
 UTC_PLUS_2 = datetime.timezone(datetime.timedelta(hours=2))
 WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC_PLUS_2)
@@ -215,3 +223,42 @@ def test_an_output_over_the_limit_keeps_the_worker(session: Session) -> None:
         session.call("sized", n=10_000)
     assert session.call("sized", n=1) == [1000]
     assert idle_worker_pids(session, "sized") == [pid]
+
+
+class StdUsage(typing.TypedDict):
+    """The standard library's TypedDict, which pydantic refuses before Python 3.12."""
+
+    tokens: int
+    model: str
+
+
+class StdOptional(typing.TypedDict, total=False):
+    note: str
+
+
+def std_usage(n: int) -> StdUsage:
+    return {"tokens": n, "model": "m"}
+
+
+def std_usages(n: int) -> list[StdUsage]:
+    return [{"tokens": i, "model": "m"} for i in range(n)]
+
+
+def std_takes(u: StdUsage) -> int:
+    return u["tokens"] * 2
+
+
+def std_optional() -> StdOptional:
+    return {}
+
+
+def test_the_standard_librarys_typeddict_works_in_and_out(session: Session) -> None:
+    for fn in (std_usage, std_usages, std_takes, std_optional):
+        session.register(fn.__name__, fn)
+    assert session.call("std_usage", n=3) == {"tokens": 3, "model": "m"}
+    assert session.call("std_usages", n=2) == [{"tokens": 0, "model": "m"},
+                                                {"tokens": 1, "model": "m"}]
+    assert session.call("std_takes", u={"tokens": 4, "model": "x"}) == 8
+    assert session.call("std_optional") == {}
+    with pytest.raises(InputValidationError, match="tokens"):  # still strict: "4" is no int
+        session.call("std_takes", u={"tokens": "4", "model": "x"})
