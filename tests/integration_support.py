@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +29,21 @@ def need(module: str, extra: str) -> ModuleType:
     return pytest.importorskip(
         module, reason=f"the {extra} integration needs its extra: pip install -e '.[{extra}]' "
         "(CI installs every extra and fails instead of skipping)")
+
+
+def chromium_or_skip() -> str:
+    """The path of ``chromium`` for a screenshot test; skipped without it, except in CI.
+
+    CI (CI=true) installs the browser in its own step of ``.ci/run`` and must not skip the
+    screenshot tests silently: there a missing browser fails the test."""
+    path = shutil.which("chromium")
+    if path is not None:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed: .ci/run installs it (apt-get install -y chromium); "
+                    "CI does not skip the screenshot tests")
+    pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); "
+                "the screenshot test needs a headless browser")
 
 
 def records(trace: Path) -> list[dict[str, Any]]:

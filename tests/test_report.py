@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from integration_support import chromium_or_skip
 
 from failcore._report import render_report, summarize
 from failcore._trace import TraceWriter, read_trace, verify_trace
@@ -187,10 +187,8 @@ def _png_pixels_vary(data: bytes) -> tuple[int, int, bool]:
     return width, height, len(set(raw[: 4 * 1024 * 1024])) > 8
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (Debian: apt-get install -y chromium); "
-                    "the screenshot test needs a headless browser")
 def test_report_renders_in_chromium(sample: Path, tmp_path: Path) -> None:
+    chromium_or_skip()
     report_path = tmp_path / "report.html"
     report_path.write_text(render_report(read_trace(sample), trace_path=str(sample),
                                          verify=verify_trace(sample)), encoding="utf-8")

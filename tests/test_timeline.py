@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from integration_support import chromium_or_skip
 
 from failcore._report import render_report, summarize
 from failcore._timeline import MAX_ROWS, STATUS_COLORS, fmt_seconds, timeline_svg
@@ -203,10 +203,8 @@ def _png_rgb(data: bytes, max_rows: int) -> tuple[int, int, list[bytes]]:
     return width, height, rows
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (Debian: apt-get install -y chromium); "
-                    ".ci/run installs it where it runs as root")
 def test_the_timeline_is_drawn_in_chromium(sample: Path, tmp_path: Path) -> None:
+    chromium_or_skip()
     report = tmp_path / "report.html"
     report.write_text(render_report(read_trace(sample), trace_path=str(sample),
                                     verify=verify_trace(sample)), encoding="utf-8")
