@@ -144,9 +144,12 @@ class Guardrails:
 
     # -- budgets and approval ------------------------------------------------------------
 
-    def admit(self, tool: str, call_id: str, shown_args: dict[str, Any],
+    def admit(self, tool: str, call_id: str, shown_args: Callable[[], dict[str, Any]],
               masks: Mapping[str, str], trace: Any) -> Admission | None:
-        """Reserve the call's budgets, then ask for approval; raises on refusal."""
+        """Reserve the call's budgets, then ask for approval; raises on refusal.
+
+        ``shown_args`` gives the arguments as an approver may see them (secrets redacted);
+        called only when an approver is asked, so an unguarded call does not pay for it."""
         guard = self._tools[tool]
         if not guard.scopes and not guard.approval:
             return None
@@ -164,7 +167,7 @@ class Guardrails:
         admission = Admission(reservation, guard.scopes)
         if guard.approval and self.approver is not None:
             try:
-                self._approve(tool, call_id, guard, shown_args, masks, trace)
+                self._approve(tool, call_id, guard, shown_args(), masks, trace)
             except FailCoreError:
                 self.release(admission)
                 raise

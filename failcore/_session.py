@@ -154,6 +154,7 @@ class Session:
         self._trace: Any = TraceWriter(os.fspath(trace)) if trace is not None else NoTrace()
         self._observers: list[Observer] = []
         self._tracing = trace is not None
+        self._recording = self._tracing  # a trace file or an observer reads record bodies
         self._trace_result_bytes = trace_result_bytes
         self._minter = TokenMinter()
         start = {"failcore_version": __version__, "policy": getattr(self.policy, "name", None),
@@ -313,6 +314,7 @@ class Session:
             if not self._observers:
                 self._trace = ObservedTrace(self._trace, self._observers)
             self._observers.append(observer)
+            self._recording = True
 
     # --------------------------------------------------------------------- calls
     def call(self, name: str, /, **kwargs: Any) -> Any:
@@ -399,8 +401,10 @@ class Session:
                     masks: dict[str, str]) -> Any:
         models = tool.models
         guardrails = self._guardrails
-        trace.record("call.start", call_id, _start_body(tool.name, models.redact(kwargs)),
-                     plain=True)
+        # The arguments as the record shows them; with no trace file and no observer
+        # nothing reads the body, so the warm path does not build it.
+        shown = models.redact(kwargs) if self._recording else {}
+        trace.record("call.start", call_id, _start_body(tool.name, shown), plain=True)
         if arg_scan is not None:
             try:
                 kwargs = guardrails.check_scan(trace, call_id, tool.name, "arguments", arg_scan)
@@ -428,7 +432,8 @@ class Session:
                 raise denied
         # Guardrail: budgets are reserved and the approver asked, before a token exists.
         try:
-            admission = guardrails.admit(tool.name, call_id, models.redact(kwargs), masks, trace)
+            admission = guardrails.admit(tool.name, call_id, lambda: models.redact(kwargs),
+                                         masks, trace)
         except (SecurityError, BudgetExceeded) as err:
             self._end(call_id, tool.name, status_of(err), None, err, started, trace)
             raise
