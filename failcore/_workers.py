@@ -59,6 +59,9 @@ class Worker:
     # a connect is judged by the names that led to its address, never by the worker's word).
     names: NameBook = field(default_factory=NameBook)
     chan_fd: int = -1  # the channel's number inside the worker (reported by the zygote)
+    # The parent's descriptor of /proc/PID (``leftovers``): opened at the first check,
+    # it names this process for good (a reused pid is not it), closed with the channel.
+    proc_dir: int = -1
 
     def kill(self, reason: str, detail: str = "") -> None:
         """Kill the worker and every process below it. Safe from any thread, idempotent."""
@@ -104,6 +107,7 @@ def kill_tree(pid: int) -> None:
 
 
 _NULL = os.stat(os.devnull).st_rdev
+_STDIO = ("fd/0", "fd/1", "fd/2")
 
 
 def leftovers(worker: Worker) -> str | None:
@@ -123,20 +127,23 @@ def leftovers(worker: Worker) -> str | None:
     pid = worker.pid
     proc = f"/proc/{pid}"
     try:
-        threads = os.stat(proc + "/task").st_nlink - 2
+        pdir = worker.proc_dir
+        if pdir < 0:
+            pdir = worker.proc_dir = os.open(proc, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        threads = os.stat("task", dir_fd=pdir).st_nlink - 2
         if threads != 1:
             return f"{threads - 1} thread(s) still running after the call"
-        fd = os.open(f"{proc}/task/{pid}/children", os.O_RDONLY)
+        fd = os.open(f"task/{pid}/children", os.O_RDONLY, dir_fd=pdir)
         try:
             kids = os.read(fd, 64).split()
         finally:
             os.close(fd)
         if kids:
             return f"child process {int(kids[0])} still running after the call"
-        count = os.stat(proc + "/fd").st_size
-        for std in (0, 1, 2):
-            if os.stat(f"{proc}/fd/{std}").st_rdev != _NULL:
-                return (f"descriptor {std} ({os.readlink(f'{proc}/fd/{std}')}) replaced "
+        count = os.stat("fd", dir_fd=pdir).st_size
+        for std in _STDIO:
+            if os.stat(std, dir_fd=pdir).st_rdev != _NULL:
+                return (f"descriptor {std[3:]} ({os.readlink(std, dir_fd=pdir)}) replaced "
                         "during the call")
         if count == 4:
             return None
@@ -310,6 +317,9 @@ class Pool:
             if not worker.dead:
                 worker.kill("retired")
             worker.chan.close()
+            if worker.proc_dir >= 0:
+                os.close(worker.proc_dir)
+                worker.proc_dir = -1
             shutil.rmtree(worker.base_dir, ignore_errors=True)
             self.zygote.forget(worker.pid)
 
