@@ -317,7 +317,8 @@ class LocalBackend:
         broker: Broker | None = None
         observed: list[dict[str, Any]] = []
         try:
-            worker.chan.settimeout(timeout_s)
+            armed = timeout_s
+            worker.chan.settimeout(armed)
             try:
                 worker.chan.sendall(frame)
             except (BrokenPipeError, ConnectionResetError):
@@ -328,7 +329,10 @@ class LocalBackend:
                 return Outcome(status="undelivered", reuse=False, error=WorkerCrashed(
                     f"{tool}: the worker was gone before the request reached it"))
             while True:
-                worker.chan.settimeout(max(deadline - time.monotonic(), 0.001))
+                remaining = max(deadline - time.monotonic(), 0.001)
+                if armed - remaining > 0.001:  # re-armed (an ioctl) only when it matters
+                    armed = remaining
+                    worker.chan.settimeout(armed)
                 payload = protocol.recv_frame(worker.chan, protocol.reply_limit(output_bytes))
                 if payload[:len(_BROKER_PREFIX)] != _BROKER_PREFIX:
                     break
