@@ -244,36 +244,6 @@ def interpret(tool: str, kind: str, body: dict[str, Any], out: Outcome,
             remote_type=rtype, remote_message=message,
             remote_traceback=str(body.get("traceback", "")))
     return out
-    err_kind = body.get("kind")
-    rtype, message = str(body.get("type", "")), str(body.get("message", ""))
-    out.reuse = err_kind == protocol.ERR_TOOL and not body.get("retire", False)
-    if err_kind == protocol.ERR_DENIED:
-        blocked = next((e for e in out.events if e.get("action") == "block"), {})
-        rule = str(blocked.get("rule", "worker guard"))
-        target = str(blocked.get("target") or blocked.get("path") or blocked.get("host") or "")
-        out.status = "blocked"
-        out.error = SecurityError(
-            f"{tool}: blocked inside the worker: {blocked.get('reason') or message} [rule: {rule}]",
-            rule=rule, target=target, layer="worker")
-    elif err_kind == protocol.ERR_TOKEN:
-        out.status = "blocked"
-        out.error = SecurityError(f"{tool}: the worker refused the call: {message}",
-                                  rule="capability token", layer="token")
-    elif err_kind in (protocol.ERR_MEMORY, protocol.ERR_RESOURCE):
-        out.status = "resource"
-        out.error = ResourceLimitExceeded(f"{tool}: {message} ({rtype})")
-    elif err_kind == protocol.ERR_UNPICKLABLE:
-        out.status = "invalid_output"
-        out.reuse = True
-        out.error = OutputValidationError(f"{tool}: {message}")
-    else:
-        out.status = "failed"
-        what = "could not be loaded in the worker" if err_kind == protocol.ERR_INIT else "raised"
-        out.error = ToolFailed(
-            f"{tool}: the tool {what} {rtype}: {message}",
-            remote_type=rtype, remote_message=message,
-            remote_traceback=str(body.get("traceback", "")))
-    return out
 
 
 def _cpu_seconds(value: Any) -> float:
