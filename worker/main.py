@@ -356,10 +356,11 @@ def _run_call(state: _State, body: dict[str, Any]) -> tuple[str, dict[str, Any]]
     # CPU this process used for the call (threads included, subprocesses not): the
     # parent charges it to the tool's CPU budget.
     # Fixed width (a decimal string), so equal calls give equal reply sizes in the trace.
-    reply[1]["cpu_s"] = f"{min(max(0.0, _cpu_used() - cpu_before), 99999.0):012.6f}"
+    cpu_after = _cpu_used()
+    reply[1]["cpu_s"] = f"{min(max(0.0, cpu_after - cpu_before), 99999.0):012.6f}"
     reply[1]["call_id"] = state.call_id
     if reply[0] == "result":
-        reply[1]["retire"] = state.stacked or state.cpu_hard - _cpu_used() < state.cpu_s + 1
+        reply[1]["retire"] = state.stacked or state.cpu_hard - cpu_after < state.cpu_s + 1
     elif state.stacked:
         reply[1]["retire"] = True
     return reply
