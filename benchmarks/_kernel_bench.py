@@ -86,7 +86,7 @@ def measure_leftover_check(n: int) -> Row:
             samples = sample_ns(lambda: leftovers(lease.handle), n, min(n, 50))
         finally:
             backend.release(lease, True)
-    return latency_row("leftover_check", "warm worker leftover check (3 /proc reads, parent)",
+    return latency_row("leftover_check", "warm worker leftover check (/proc: 5 stats and a read, parent)",
                        samples, note="on every warm call")
 
 
