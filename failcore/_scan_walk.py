@@ -64,6 +64,8 @@ class Collector:
                 if key not in skip:
                     self._child(pending, 0, ("item", key), child, 1)
             stack.extend(reversed(pending))
+        elif self._over(value):
+            self.stopped_at = 0
         else:
             leaf = _leaf_text(value)
             if leaf is None:
@@ -108,8 +110,18 @@ class Collector:
                 self.stopped_at = node
             stack.extend(reversed(pending))
 
+    def _over(self, value: Any) -> bool:
+        """Bytes too long to fit what is left of ``max_bytes`` even as 4-byte characters:
+        the scan stops there without decoding them (a 200 MB result is not copied)."""
+        return isinstance(value, bytes | bytearray) and \
+            len(value) > 4 * (self.max_bytes - self.size)
+
     def _child(self, stack: list[tuple[Any, int, int]], parent: int, step: tuple[str, Any],
                value: Any, depth: int) -> None:
+        if self._over(value):
+            if self.stopped_at is None:
+                self.stopped_at = self._node(parent, step)
+            return
         leaf = _leaf_text(value)
         if leaf is None:
             stack.append((value, self._node(parent, step), depth))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -145,6 +146,27 @@ def test_bounds_report_what_was_not_scanned() -> None:
     node.append(f"deep {AWS}")
     assert [f.kind for f in scan_value(Scan(), deep, "result", SALT).findings] == ["unscanned"]
     assert scan_value(Scan(actions={"unscanned": "block"}), deep, "result", SALT).blocked
+
+
+def test_bytes_past_the_bound_are_reported_unscanned_without_being_decoded() -> None:
+    # A 200 MB result once cost the parent a third copy here: the whole value decoded to
+    # text before the bound was checked.
+    big = b"x" * (32 << 20)
+    tracemalloc.start()
+    try:
+        for value in (big, {"blob": big}, [f"note {AWS}", big]):
+            out = scan_value(Scan(max_bytes=1 << 20), value, "result", SALT)
+            assert "unscanned" in [f.kind for f in out.findings]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"scanning 32 MB of bytes allocated {peak >> 20} MB"
+    # Within the bound bytes are still read as text.
+    found = scan_value(Scan(), {"blob": f"key {AWS}".encode()}, "result", SALT).findings
+    assert [(f.kind, f.where) for f in found] == [("aws_access_key", "result.blob")]
+    # What fits before the big value is still scanned.
+    assert "aws_access_key" in [f.kind for f in scan_value(
+        Scan(max_bytes=1 << 20), [f"note {AWS}", big], "result", SALT).findings]
 
 
 @given(st.lists(st.sampled_from([AWS, corpus.GITHUB, "bob@example.com", CARD, "plain text",
