@@ -188,11 +188,9 @@ class Plan:
                 "notes": list(self.notes)}
 
 
-@functools.cache
-def loader_paths() -> tuple[str, ...]:
-    """What the dynamic loader and glibc read for native code: library directories (the
-    trusted defaults, ``ld.so.conf``'s, and those of every object mapped now) and a few
-    files. Resolved and existing only. Computed once in the zygote."""
+def library_dirs() -> set[str]:
+    """The dynamic loader's trusted library directories and those ``ld.so.conf`` (and its
+    ``.d`` files) name; not checked for existence. Also the MCP guard's, for its server."""
     dirs: set[str] = set(_LIB_DIRS)
     for conf in ["/etc/ld.so.conf", *sorted(glob.glob("/etc/ld.so.conf.d/*.conf"))]:
         try:
@@ -201,6 +199,15 @@ def loader_paths() -> tuple[str, ...]:
                             if line.strip().startswith("/"))
         except OSError:
             continue
+    return dirs
+
+
+@functools.cache
+def loader_paths() -> tuple[str, ...]:
+    """What the dynamic loader and glibc read for native code: library directories (the
+    trusted defaults, ``ld.so.conf``'s, and those of every object mapped now) and a few
+    files. Resolved and existing only. Computed once in the zygote."""
+    dirs = library_dirs()
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             for line in f:

@@ -15,8 +15,9 @@ import shutil
 import struct
 
 
-def _elf_interpreter(path: str) -> str | None:
-    """PT_INTERP of an ELF file (the loader the kernel opens to run it), else None."""
+def elf_interpreter(path: str) -> str | None:
+    """PT_INTERP of a 64- or 32-bit ELF file (the loader the kernel opens to run it), else
+    None. Also the MCP guard's, for the server it confines."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -81,7 +82,7 @@ def program_files(program: str, search_path: str | None = None) -> list[str]:
     if script is not None and os.path.isfile(script):
         files.append(os.path.realpath(script))
     for target in list(files):
-        interp = _elf_interpreter(target)
+        interp = elf_interpreter(target)
         if interp is not None and os.path.exists(interp):
             files.append(os.path.realpath(interp))
     return files

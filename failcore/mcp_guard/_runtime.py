@@ -26,10 +26,8 @@ without device nodes or exec, ``proc:exec`` runnable):
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,9 +42,9 @@ from failcore_worker._exec_kernel import (
     WRITE_FILE,
     describe_fs,
 )
+from failcore_worker._landlock import library_dirs
+from failcore_worker._program_files import elf_interpreter
 
-_LIB_DIRS = ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64",
-             "/usr/local/lib")
 _CONFIG = ("/etc/ld.so.cache", "/etc/ld.so.preload", "/etc/hosts", "/etc/resolv.conf",
            "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf", "/etc/services",
            "/etc/protocols", "/etc/passwd", "/etc/group", "/etc/localtime", "/etc/timezone",
@@ -128,7 +126,7 @@ class _Builder:
                 names = [w for w in rest if not w.startswith("-")]
                 if names:
                     self.program(names[0], f"{why} (#!{interp} {names[0]})", depth + 1)
-        loader = _elf_interpreter(os.path.realpath(found))
+        loader = elf_interpreter(os.path.realpath(found))
         if loader:
             self.allow(loader, RUN, f"{why} (ELF interpreter)")
         return found
@@ -170,49 +168,8 @@ def _shebang(path: str) -> list[str]:
     return [os.fsdecode(w) for w in head[2:].split(b"\n", 1)[0].split()]
 
 
-def _elf_interpreter(path: str) -> str | None:
-    """PT_INTERP of a 64- or 32-bit ELF file, else None."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-            if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2):
-                return None
-            end, wide = ("<" if head[5] == 1 else ">"), head[4] == 2
-            if wide:
-                phoff, = struct.unpack_from(end + "Q", head, 0x20)
-                entsize, count = struct.unpack_from(end + "HH", head, 0x36)
-            else:
-                phoff, = struct.unpack_from(end + "I", head, 0x1C)
-                entsize, count = struct.unpack_from(end + "HH", head, 0x2A)
-            if count > 256 or entsize < (56 if wide else 32):
-                return None
-            f.seek(phoff)
-            table = f.read(entsize * count)
-            for i in range(count):
-                at = i * entsize
-                if len(table) < at + entsize or struct.unpack_from(end + "I", table, at)[0] != 3:
-                    continue
-                offset = struct.unpack_from(end + ("Q" if wide else "I"), table, at + (8 if wide else 4))[0]
-                size = struct.unpack_from(end + ("Q" if wide else "I"), table, at + (32 if wide else 16))[0]
-                if size > 4096:
-                    return None
-                f.seek(offset)
-                return f.read(size).rstrip(b"\0").decode("utf-8", "replace") or None
-    except (OSError, struct.error):
-        return None
-    return None
-
-
 def _loader_dirs() -> list[str]:
-    dirs = list(_LIB_DIRS)
-    for conf in ["/etc/ld.so.conf", *sorted(glob.glob("/etc/ld.so.conf.d/*.conf"))]:
-        try:
-            with open(conf, encoding="utf-8", errors="replace") as f:
-                dirs.extend(line.split("#", 1)[0].strip() for line in f
-                            if line.strip().startswith("/"))
-        except OSError:
-            continue
-    return [d for d in dirs if os.path.isdir(d)]
+    return sorted(d for d in library_dirs() if os.path.isdir(d))
 
 
 def _prefix_arg(argv: Sequence[str]) -> str | None:
