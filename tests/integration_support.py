@@ -12,6 +12,8 @@ import importlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +46,24 @@ def chromium_or_skip() -> str:
                     "CI does not skip the screenshot tests")
     pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); "
                 "the screenshot test needs a headless browser")
+
+
+def screenshot(html: Path, png: Path) -> bytes:
+    """``html`` rendered by headless Chromium (scripts/render_report.sh) as PNG bytes;
+    skipped without a browser, except in CI. Bounded: a hung browser's whole process group
+    is killed after 50 s."""
+    chromium_or_skip()
+    script = TESTS.parent / "scripts" / "render_report.sh"
+    proc = subprocess.Popen([str(script), str(html), str(png)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=50)
+    finally:
+        if proc.returncode is None:  # timed out: take chromium's whole process group down
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    return png.read_bytes()
 
 
 def records(trace: Path) -> list[dict[str, Any]]:

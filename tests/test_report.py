@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import struct
-import subprocess
 import zlib
 from collections import Counter
 from html.parser import HTMLParser
@@ -15,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import chromium_or_skip
+from integration_support import screenshot
 
 from failcore._report import render_report, summarize
 from failcore._trace import TraceWriter, read_trace, verify_trace
@@ -188,22 +185,10 @@ def _png_pixels_vary(data: bytes) -> tuple[int, int, bool]:
 
 
 def test_report_renders_in_chromium(sample: Path, tmp_path: Path) -> None:
-    chromium_or_skip()
     report_path = tmp_path / "report.html"
     report_path.write_text(render_report(read_trace(sample), trace_path=str(sample),
                                          verify=verify_trace(sample)), encoding="utf-8")
-    png = tmp_path / "report.png"
-    proc = subprocess.Popen([str(ROOT / "scripts" / "render_report.sh"), str(report_path), str(png)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=50)
-    finally:
-        if proc.returncode is None:  # timed out: take chromium's whole process group down
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, stderr
-    data = png.read_bytes()
+    data = screenshot(report_path, tmp_path / "report.png")
     assert len(data) > 20_000  # a rendered page, not a blank canvas
     width, height, varied = _png_pixels_vary(data)
     assert (width, height) == (1280, 2000) and varied

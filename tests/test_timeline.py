@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
 import struct
-import subprocess
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import chromium_or_skip
+from integration_support import screenshot
 
 from failcore._report import render_report, summarize
 from failcore._timeline import MAX_ROWS, STATUS_COLORS, fmt_seconds, timeline_svg
@@ -204,22 +201,11 @@ def _png_rgb(data: bytes, max_rows: int) -> tuple[int, int, list[bytes]]:
 
 
 def test_the_timeline_is_drawn_in_chromium(sample: Path, tmp_path: Path) -> None:
-    chromium_or_skip()
     report = tmp_path / "report.html"
     report.write_text(render_report(read_trace(sample), trace_path=str(sample),
                                     verify=verify_trace(sample)), encoding="utf-8")
-    png = tmp_path / "report.png"
-    proc = subprocess.Popen([str(ROOT / "scripts" / "render_report.sh"), str(report), str(png)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=50)
-    finally:
-        if proc.returncode is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, stderr
-    _, _, rows = _png_rgb(png.read_bytes(), max_rows=900)  # the timeline is near the top
+    png = screenshot(report, tmp_path / "report.png")
+    _, _, rows = _png_rgb(png, max_rows=900)  # the timeline is near the top
     timeout = bytes.fromhex(STATUS_COLORS["timeout"][0][1:])
     ok = bytes.fromhex(STATUS_COLORS["ok"][0][1:])
 
