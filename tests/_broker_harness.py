@@ -194,7 +194,16 @@ class FakeResolver:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        self.server.hits.append(self.path)
+        if self.path == "/redirect" and self.server.redirect_to:
+            self.send_response(302)
+            self.send_header("Location", self.server.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = f"hello from {self.server.server_address[1]}".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -208,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    hits: list[str]
+    redirect_to: str = ""
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         return None  # a client that connects and closes at once is a scenario, not a fault
@@ -218,10 +229,13 @@ class _Server6(_Server):
 
 
 class HTTPServer:
-    """An HTTP server on a loopback address (optionally TLS), serving until ``close``."""
+    """An HTTP server on a loopback address (optionally TLS), serving from a thread until
+    ``close``. ``hits`` lists the paths requested; ``GET /redirect`` answers 302 to
+    ``httpd.redirect_to`` when that is set."""
 
     def __init__(self, host: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> None:
         self.httpd = (_Server6 if ":" in host else _Server)((host, 0), _Handler)
+        self.httpd.hits = []
         if tls is not None:
             import ssl
 
@@ -238,9 +252,16 @@ class HTTPServer:
     def body(self) -> str:
         return f"hello from {self.port}"
 
-    def url(self, scheme: str = "http", host: str | None = None) -> str:
+    @property
+    def hits(self) -> list[str]:
+        return self.httpd.hits
+
+    def netloc(self, host: str | None = None) -> str:
         h = host or self.host
-        return f"{scheme}://{'[' + h + ']' if ':' in h else h}:{self.port}/"
+        return f"[{h}]:{self.port}" if ":" in h else f"{h}:{self.port}"
+
+    def url(self, path: str = "/", *, scheme: str = "http", host: str | None = None) -> str:
+        return f"{scheme}://{self.netloc(host)}{path}"
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -149,7 +149,7 @@ def test_tls_over_brokered_sockets(certificate: tuple[str, str], privileged: boo
     try:
         grants = Grants(net=(NetRule("localhost", tls.port, tls.port,
                                      f"net:connect:localhost:{tls.port}"),), block_ranges=True)
-        params = {"cafile": certificate[0], "url": tls.url("https", "localhost"), "port": tls.port}
+        params = {"cafile": certificate[0], "url": tls.url(scheme="https", host="localhost"), "port": tls.port}
         run = run_child("tls", params, grants, privileged=privileged)
     finally:
         tls.close()

@@ -16,82 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from _broker_harness import HTTPServer as Server
 
 from failcore import Policy, SecurityError, Session, SideEffect, ToolMetadata, presets
-
-# --- loopback servers -------------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
-        self.server.hits.append(self.path)
-        if self.path == "/redirect" and self.server.redirect_to:
-            self.send_response(302)
-            self.send_header("Location", self.server.redirect_to)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = f"hello from {self.server.server_address[1]}".encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    hits: list[str]
-    redirect_to: str = ""
-
-
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
-
-
-class Server:
-    """An HTTP server on a loopback address, serving from a thread until ``close``."""
-
-    def __init__(self, host: str) -> None:
-        cls = _HTTPServer6 if ":" in host else _HTTPServer
-        self.httpd = cls((host, 0), _Handler)
-        self.httpd.hits = []
-        self.host = host
-        self.port = int(self.httpd.server_address[1])
-        self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def netloc(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    def url(self, path: str = "/") -> str:
-        return f"http://{self.netloc}{path}"
-
-    @property
-    def body(self) -> str:
-        return f"hello from {self.port}"
-
-    @property
-    def hits(self) -> list[str]:
-        return self.httpd.hits
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
 
 
 def _has_ipv6_loopback() -> bool:
@@ -228,7 +159,7 @@ def test_port_not_granted_is_refused_in_the_worker(session: Session, server: Ser
         session.call("get", host=server.host, port=server.port, path="/")
     assert info.value.layer == "worker"
     # net_safe stops a client that resolves the literal first, before it connects
-    assert info.value.target in (server.netloc, server.host)
+    assert info.value.target in (server.netloc(), server.host)
     assert server.hits == []
 
 
@@ -241,7 +172,7 @@ def test_redirect_to_a_port_not_granted_is_caught_at_the_second_connect(
         session.call("get", url=server.url("/redirect"))
     err = info.value
     assert err.layer == "worker", str(err)
-    assert err.target in (other.netloc, other.host), str(err)
+    assert err.target in (other.netloc(), other.host), str(err)
     assert server.hits == ["/redirect"], "the first, granted request went through"
     assert other.hits == [], "the redirect target was never reached"
 
